@@ -1,0 +1,112 @@
+"""Engine configuration, validated when it is made: the engine only ever sees valid values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from expertmesh.errors import InvalidRequestError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}", param=name, value=value)
+
+
+@dataclass
+class EngineConfig:
+    """What the engine is asked to run and within which limits.
+
+    model: a checkpoint directory (config.json, *.safetensors, tokenizer.json); None means the
+    built-in tiny MoE. max_model_len: longest prompt + output; None means the checkpoint's
+    max_position_embeddings. kv_cache_blocks: paged KV blocks of block_size tokens; None means
+    enough for max_num_seqs full-length sequences, capped by kv_cache_memory_bytes.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_blocks: int | None = None
+    kv_cache_memory_bytes: int = 2 << 30
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    show_progress: bool = True
+    model_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+            _positive(name, getattr(self, name))
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+        _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidRequestError(
+                f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}", param="dtype", value=self.dtype
+            )
+        if self.model is None:
+            from expertmesh.default_model import default_model_path
+
+            self.model_path = default_model_path()
+        else:
+            self.model_path = Path(self.model).expanduser()
+            if not self.model_path.is_dir():
+                raise InvalidRequestError(
+                    f"model path {str(self.model_path)!r} is not a directory (expected a Hugging Face "
+                    "checkpoint: config.json, *.safetensors, tokenizer.json)",
+                    param="model",
+                    value=self.model,
+                )
+
+    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
+        """'auto' follows the checkpoint's torch_dtype, except that fp16/bf16 run as fp32 on the CPU
+        only when asked: the CPU handles bf16 well enough to keep the checkpoint's choice."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+
+    def resolve_max_model_len(self, max_position_embeddings: int) -> int:
+        if self.max_model_len is None:
+            return max_position_embeddings
+        if self.max_model_len > max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                f"{max_position_embeddings}",
+                param="max_model_len",
+                value=self.max_model_len,
+            )
+        return self.max_model_len
+
+    def resolve_kv_cache_blocks(self, max_model_len: int, bytes_per_block: int) -> int:
+        """Blocks for the KV cache: as asked, else enough for every sequence at full length
+        within the memory budget (and at least one full-length sequence)."""
+        per_seq = math.ceil(max_model_len / self.block_size)
+        if self.kv_cache_blocks is not None:
+            blocks = self.kv_cache_blocks
+        else:
+            wanted = per_seq * self.max_num_seqs
+            blocks = min(wanted, max(per_seq, self.kv_cache_memory_bytes // bytes_per_block))
+        if blocks < per_seq:
+            raise InvalidRequestError(
+                f"kv_cache_blocks {blocks} cannot hold one sequence of max_model_len {max_model_len} "
+                f"({per_seq} blocks of {self.block_size} tokens); raise kv_cache_blocks or lower max_model_len",
+                param="kv_cache_blocks",
+                value=blocks,
+            )
+        return blocks
