@@ -6,18 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from expertmesh.errors import InvalidRequestError
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from expertmesh.models.loader import DTYPES
 
 
 def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -32,7 +22,8 @@ class EngineConfig:
     """What the engine is asked to run and within which limits.
 
     model: a checkpoint directory (config.json, *.safetensors, tokenizer.json); None means the
-    built-in tiny MoE. max_model_len: longest prompt + output; None means the checkpoint's
+    built-in tiny MoE. dtype: "auto" follows the checkpoint, but runs half types as fp32 on the
+    CPU (models/loader.py). max_model_len: longest prompt + output; None means the checkpoint's
     max_position_embeddings. kv_cache_blocks: paged KV blocks of block_size tokens; None means
     enough for max_num_seqs full-length sequences, capped by kv_cache_memory_bytes.
     """
@@ -73,13 +64,6 @@ class EngineConfig:
                     param="model",
                     value=self.model,
                 )
-
-    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """'auto' follows the checkpoint's torch_dtype, except that fp16/bf16 run as fp32 on the CPU
-        only when asked: the CPU handles bf16 well enough to keep the checkpoint's choice."""
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        return DTYPES.get(checkpoint_dtype or "float32", torch.float32)
 
     def resolve_max_model_len(self, max_position_embeddings: int) -> int:
         if self.max_model_len is None:

@@ -1,0 +1,99 @@
+"""The `expertmesh` command: `expertmesh generate ...` (serve and bench come with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from expertmesh.errors import InvalidRequestError
+
+DEFAULT_PROMPTS = ["The experts of a mixture", "Hello, world! How are you today?"]
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny MoE)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-blocks", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_blocks=args.kv_cache_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from expertmesh import LLM, SamplingParams
+
+    params = SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or None,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(args.model, **_engine_kwargs(args))
+    prompts = args.prompt or DEFAULT_PROMPTS
+    start = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = 0
+    for prompt, out in zip(prompts, outputs):
+        for completion in out.outputs:
+            generated += len(completion.token_ids)
+            print(f"prompt: {prompt!r}")
+            print(f"output[{completion.index}]: {completion.text!r}  ({completion.finish_reason})")
+    print(f"{len(outputs)} requests, {generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tok/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve mixture-of-experts language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions offline, in this process")
+    _add_engine_args(gen)
+    s = gen.add_argument_group("sampling")
+    s.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    s.add_argument("--n", type=int, default=1)
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InvalidRequestError as exc:
+        print(f"expertmesh: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Turns a scheduler step into tensors, runs the model over the paged KV cache, returns logits.
+
+Legend: T tokens this step, N requests this step, S requests that sample, MB blocks per
+request in the batch table, NB KV blocks, B block size, NKV KV heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertmesh._core import SchedulerOutput
+from expertmesh.config import EngineConfig
+from expertmesh.layers.attention import AttentionMetadata
+from expertmesh.models.loader import load_model
+
+
+class ModelRunner:
+    """Holds the model and its KV cache on one device; `execute()` runs one step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.device = torch.device(config.device)
+        self.model, self.hf_config = load_model(
+            config.model_path, dtype=config.dtype, device=self.device, show_progress=config.show_progress
+        )
+        self.dtype = self.model.dtype
+        self.vocab_size = int(self.hf_config["vocab_size"])
+        self.max_model_len = config.resolve_max_model_len(int(self.hf_config.get("max_position_embeddings", 4096)))
+        shape = (config.block_size, self.model.num_kv_heads, self.model.head_dim)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        bytes_per_block = 2 * self.model.num_layers * elem * shape[0] * shape[1] * shape[2]
+        self.num_kv_blocks = config.resolve_kv_cache_blocks(self.max_model_len, bytes_per_block)
+        # One (key, value) pair per layer: [NB, B, NKV, D] each.
+        self.kv_caches = [
+            (
+                torch.zeros((self.num_kv_blocks, *shape), dtype=self.dtype, device=self.device),
+                torch.zeros((self.num_kv_blocks, *shape), dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.model.num_layers)
+        ]
+
+    def _tensor(self, array, dtype: torch.dtype) -> torch.Tensor:
+        # torch.from_numpy shares the scheduler's buffer; .to() copies only when it must.
+        return torch.from_numpy(array).to(device=self.device, dtype=dtype)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Compute one step; returns fp32 logits [S, V] for the requests that sample."""
+        input_ids = self._tensor(batch.input_ids, torch.long)  # [T]
+        meta = AttentionMetadata(
+            positions=self._tensor(batch.positions, torch.long),  # [T]
+            slot_mapping=self._tensor(batch.slot_mapping, torch.long),  # [T]
+            query_start_loc=self._tensor(batch.query_start_loc, torch.int32),  # [N+1]
+            seq_lens=self._tensor(batch.seq_lens, torch.int32),  # [N]
+            block_tables=self._tensor(batch.block_tables, torch.int32),  # [N, MB]
+        )
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)  # [T, H]
+        if len(batch.logits_indices) == 0:
+            return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
+        last = hidden[self._tensor(batch.logits_indices, torch.long)]  # [S, H]
+        return self.model.compute_logits(last)  # [S, V]

@@ -1,0 +1,69 @@
+"""What the engine remembers about a request between steps: its sequences (n of them), their
+detokenizers, generators and logprobs. The Rust scheduler holds tokens and KV blocks; this side
+holds what only Python needs, and turns it into RequestOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from expertmesh.engine.detokenizer import IncrementalDetokenizer
+from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput
+from expertmesh.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceState:
+    """One of the n completions of a request; `core_id` names it in the Rust scheduler."""
+
+    core_id: int
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # Text produced since the last output was taken (for streaming).
+    pending_delta: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.output_text,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=self.logprobs,
+            cumulative_logprob=self.cumulative_logprob,
+        )
+
+
+@dataclass
+class RequestState:
+    """A user's request: its prompt and the sequences sampled from it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[SequenceState]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[seq.to_output() for seq in self.seqs],
+            finished=self.finished,
+        )

@@ -1,0 +1,95 @@
+"""`LLM`: the offline API. Runs the engine in this process, like vllm.LLM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from expertmesh.config import EngineConfig
+from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.errors import InvalidRequestError
+from expertmesh.outputs import RequestOutput
+from expertmesh.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate completions for a batch of prompts with continuous batching.
+
+    >>> llm = LLM()                      # the built-in tiny MoE
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    >>> out[0].outputs[0].text
+
+    Keyword arguments are EngineConfig fields (dtype, max_model_len, block_size,
+    kv_cache_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts.
+
+        A prompt is text or a list of token ids. If any prompt is invalid, nothing is queued
+        and InvalidRequestError names the prompt's index and what is wrong.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(
+                f"got {len(params)} sampling params for {len(prompts)} prompts; pass one, or one per prompt",
+                param="sampling_params",
+                value=len(params),
+            )
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        ids = []
+        try:
+            for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
+                try:
+                    ids.append(self.engine.add_request(prompt, p, priority=prio))
+                except InvalidRequestError as exc:
+                    raise InvalidRequestError(f"prompt {i}: {exc}", param=exc.param, value=exc.value) from exc
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        try:
+            done = self.engine.run_to_completion(ids, on_finish=lambda _: bar.update(1))
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(conv) for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict[str, int]:
+        """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free blocks)."""
+        return dict(self.engine.scheduler.stats())
