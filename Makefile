@@ -28,7 +28,7 @@ test-python: setup
 	$(PY) -m pytest -q
 
 stubtest: setup
-	$(PY) -m mypy.stubtest expertmesh._core --allowlist tests/stubtest_allowlist.txt
+	$(PY) -m mypy.stubtest expertmesh._core
 
 clean:
 	rm -rf $(VENV) target

@@ -1,0 +1,149 @@
+"""Type stubs for ``expertmesh._core``, the Rust core (rust/src/py.rs).
+
+Legend: N scheduled requests, T tokens computed this step, S requests that sample this step,
+MB block-table columns, E experts, k experts per token, R ranks.
+"""
+
+from collections.abc import Sequence
+from typing import Any, Self, final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["CoreError", "Scheduler", "SchedulerOutput", "RoutingPlan", "route"]
+
+_IntArray = npt.NDArray[np.integer[Any]]
+
+class CoreError(ValueError):
+    """Invalid input to the core; the message names the limit and the value received."""
+
+@final
+class Scheduler:
+    """Continuous batching over a paged KV cache with prefix caching.
+
+    Each step: ``out = schedule()``, run the model on ``out``, then ``update(sampled)`` with one
+    token per ``out.sample_request_ids`` entry. Decodes are scheduled first, then chunked
+    prefills (running ones first, then waiting requests in (priority, arrival) order; lower
+    priority value = more urgent) under ``max_num_batched_tokens`` and ``max_num_seqs``. When KV
+    blocks run out, the least urgent (then newest) running request is preempted and later
+    recomputed. schedule() and update() release the GIL.
+    """
+
+    def __new__(
+        cls,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+    ) -> Self:
+        """Raises CoreError if a size is < 1 (or num_blocks / max_model_len >= 2**31)."""
+    def add_request(
+        self,
+        request_id: int,
+        prompt_token_ids: Sequence[int] | _IntArray,
+        *,
+        max_tokens: int,
+        stop_token_ids: Sequence[int] = ...,
+        eos_token_id: int | None = None,
+        ignore_eos: bool = False,
+        priority: int = 0,
+    ) -> None:
+        """Queues a request. Raises CoreError for a duplicate id, an empty prompt, a token id
+        outside [0, 2**31 - 1], max_tokens < 1, prompt_len + max_tokens > max_model_len, or a
+        request whose KV (prompt_len + max_tokens - 1 tokens) can never fit in num_blocks."""
+    def schedule(self) -> SchedulerOutput:
+        """Picks this step's batch. Raises CoreError if the previous non-empty step has not
+        been passed to update() (or all its requests finished)."""
+    def update(self, sampled_token_ids: Sequence[int] | _IntArray) -> list[tuple[int, str]]:
+        """Appends one sampled token per entry of the last ``sample_request_ids`` (same order;
+        tokens of requests finished in between are dropped), caches newly computed full
+        blocks, and returns the requests that finished as (request_id, "stop" | "length")."""
+    def finish_request(self, request_id: int, reason: str) -> bool:
+        """Ends a request in any state (reason "stop", "abort" or "error") and frees its
+        blocks. Returns False for an unknown id."""
+    def abort(self, request_id: int) -> bool:
+        """``finish_request(request_id, "abort")``."""
+    def has_unfinished(self) -> bool: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    def stats(self) -> dict[str, int]:
+        """prefix_cache_queries and prefix_cache_hits (both in tokens, counted once per
+        admission), num_preemptions, num_free_blocks, num_cached_blocks."""
+    def output_token_ids(self, request_id: int) -> list[int]:
+        """Tokens generated so far by a live request, or by one finished since the last
+        schedule(). Raises CoreError for an unknown id."""
+
+@final
+class SchedulerOutput:
+    """One step's batch. Arrays are owned by numpy (no copy was made)."""
+
+    @property
+    def request_ids(self) -> npt.NDArray[np.uint64]:
+        """[N] scheduled requests, in batch order (decodes, running prefills, new requests)."""
+    @property
+    def input_ids(self) -> npt.NDArray[np.int32]:
+        """[T] tokens to compute."""
+    @property
+    def positions(self) -> npt.NDArray[np.int32]:
+        """[T] position of each token in its sequence."""
+    @property
+    def slot_mapping(self) -> npt.NDArray[np.int64]:
+        """[T] block_id * block_size + offset in block."""
+    @property
+    def query_start_loc(self) -> npt.NDArray[np.int32]:
+        """[N+1] prefix sums of per-request new tokens."""
+    @property
+    def seq_lens(self) -> npt.NDArray[np.int32]:
+        """[N] tokens in KV after this step (context + new)."""
+    @property
+    def block_tables(self) -> npt.NDArray[np.int32]:
+        """[N, MB] block ids, padded with 0 (MB = most blocks of any scheduled request)."""
+    @property
+    def sample_request_ids(self) -> npt.NDArray[np.uint64]:
+        """[S] requests that sample a token this step (those computing their last token)."""
+    @property
+    def logits_indices(self) -> npt.NDArray[np.int32]:
+        """[S] index into T of each sampling request's last token."""
+    @property
+    def num_prefill_tokens(self) -> int: ...
+    @property
+    def num_decode_tokens(self) -> int: ...
+    @property
+    def is_empty(self) -> bool:
+        """T == 0."""
+
+@final
+class RoutingPlan:
+    """Where each (token, slot) pair p = token * k + slot of ``topk_ids`` goes."""
+
+    @property
+    def sorted_pair_ids(self) -> npt.NDArray[np.int64]:
+        """[T*k] pair ids sorted by expert; stable (token order within an expert)."""
+    @property
+    def pair_positions(self) -> npt.NDArray[np.int64]:
+        """[T*k] inverse: position of pair p in sorted order."""
+    @property
+    def tokens_per_expert(self) -> npt.NDArray[np.int64]:
+        """[E] pairs per expert."""
+    @property
+    def expert_offsets(self) -> npt.NDArray[np.int64]:
+        """[E+1] expert e's pairs are sorted_pair_ids[offsets[e]:offsets[e+1]]."""
+    @property
+    def rank_send_counts(self) -> npt.NDArray[np.int64]:
+        """[R] distinct tokens sent to each rank (rank r owns experts [r*E/R, (r+1)*E/R))."""
+
+def route(topk_ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], num_experts: int, num_ranks: int = 1) -> RoutingPlan:
+    """Builds the routing plan for ``topk_ids`` [T, k] (int32 or int64). Raises CoreError if an
+    id is outside [0, num_experts) or num_experts % num_ranks != 0. Releases the GIL."""
+
+def _panic_for_tests(message: str) -> None:
+    """Panics in Rust (GIL released); raises pyo3's PanicException. For tests only."""

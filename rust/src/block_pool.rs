@@ -1,0 +1,449 @@
+//! Paged KV blocks with reference counts and a prefix cache.
+//!
+//! A full block is cached under a chained hash of (parent hash, its tokens). Blocks whose ref
+//! count drops to 0 go to the back of an LRU free queue and keep their hash, so a later request
+//! with the same prefix can take them back; allocation pops the least recently freed block and
+//! only then evicts its hash. A hit is trusted only after checking the block's stored tokens and
+//! that its parent is the block matched just before it (same id, same allocation generation), so
+//! a 64-bit hash collision can never hand out KV computed for other tokens.
+
+use crate::block_hash::HashToBlock;
+pub use crate::block_hash::{extend_block_hashes, hash_block, BlockHash, BlockId, ROOT_HASH};
+use crate::error::{check_at_least, CoreError, CoreResult};
+use crate::free_queue::FreeQueue;
+use crate::request::TokenId;
+
+/// A cached block as of one allocation: stale once the block is reallocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedRef {
+    /// The block.
+    pub block: BlockId,
+    /// Its allocation generation when it was referenced.
+    pub generation: u32,
+}
+
+/// How far one request's blocks have been offered to the prefix cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCursor {
+    /// Leading full blocks already offered.
+    pub offered: usize,
+    /// The cached block that stands for the last offered block (None before the first).
+    pub tail: Option<CachedRef>,
+    /// A hash collision stopped the chain: later blocks of this request are never cached.
+    pub broken: bool,
+}
+
+/// Bookkeeping of one block.
+#[derive(Debug, Clone)]
+struct BlockMeta {
+    /// Owners; 0 means the block sits in the free queue.
+    ref_count: u32,
+    /// Hash the block is cached under, if any (kept while free, until reallocation).
+    hash: Option<BlockHash>,
+    /// Parent block (as cached when this one was registered); None for a first block.
+    parent: Option<CachedRef>,
+    /// Bumped on every allocation so stale parent references stop matching.
+    generation: u32,
+}
+
+/// The KV block pool. See the module docs.
+#[derive(Debug, Clone)]
+pub struct BlockPool {
+    /// Tokens per block.
+    block_size: usize,
+    /// Whether full blocks are cached by hash.
+    enable_caching: bool,
+    /// Per-block state, indexed by `BlockId`.
+    meta: Vec<BlockMeta>,
+    /// `[NB * B]` tokens of each cached block, to verify hits.
+    cached_tokens: Vec<TokenId>,
+    /// Hash -> cached block.
+    cache: HashToBlock,
+    /// Blocks with ref count 0, least recently freed first.
+    free: FreeQueue,
+    /// Tokens looked up in the prefix cache.
+    queries: u64,
+    /// Tokens found in the prefix cache.
+    hits: u64,
+}
+
+impl BlockPool {
+    /// A pool of `num_blocks` free blocks of `block_size` tokens.
+    pub fn new(num_blocks: usize, block_size: usize, enable_caching: bool) -> CoreResult<Self> {
+        check_at_least("num_blocks", num_blocks as i128, 1)?;
+        check_at_least("block_size", block_size as i128, 1)?;
+        if num_blocks > FreeQueue::MAX_BLOCKS {
+            let limit = format!("<= {}", FreeQueue::MAX_BLOCKS);
+            return Err(CoreError::out_of_range(
+                "num_blocks",
+                limit,
+                num_blocks as i128,
+            ));
+        }
+        let meta = vec![
+            BlockMeta {
+                ref_count: 0,
+                hash: None,
+                parent: None,
+                generation: 0
+            };
+            num_blocks
+        ];
+        let cached_tokens = if enable_caching {
+            vec![0; num_blocks * block_size]
+        } else {
+            Vec::new()
+        };
+        Ok(BlockPool {
+            block_size,
+            enable_caching,
+            meta,
+            cached_tokens,
+            cache: HashToBlock::default(),
+            free: FreeQueue::full(num_blocks),
+            queries: 0,
+            hits: 0,
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.meta.len()
+    }
+    /// Blocks with ref count 0 (cached or not); all of them can be allocated.
+    pub fn num_free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    /// Blocks currently findable by hash.
+    pub fn num_cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+    /// Whether prefix caching is on.
+    pub fn caching_enabled(&self) -> bool {
+        self.enable_caching
+    }
+    /// Owners of `block`.
+    pub fn ref_count(&self, block: BlockId) -> u32 {
+        self.meta[block as usize].ref_count
+    }
+    /// (tokens looked up, tokens hit) since creation.
+    pub fn cache_counters(&self) -> (u64, u64) {
+        (self.queries, self.hits)
+    }
+    /// Adds one prefix lookup to the counters.
+    pub fn record_lookup(&mut self, query_tokens: usize, hit_tokens: usize) {
+        self.queries += query_tokens as u64;
+        self.hits += hit_tokens as u64;
+    }
+
+    /// Takes the least recently freed block (evicting its cached hash), or None if all are owned.
+    pub fn allocate(&mut self) -> Option<BlockId> {
+        let b = self.free.pop_front()?;
+        let m = &mut self.meta[b as usize];
+        if let Some(h) = m.hash.take() {
+            // A block carries a hash only while the cache maps that hash to it.
+            self.cache.remove(&h);
+        }
+        m.parent = None;
+        m.generation = m.generation.wrapping_add(1);
+        m.ref_count = 1;
+        Some(b)
+    }
+
+    /// Adds an owner to a cached block found by [`BlockPool::find_cached_prefix`].
+    pub fn take(&mut self, block: BlockId) {
+        if self.meta[block as usize].ref_count == 0 {
+            self.free.remove(block);
+        }
+        self.meta[block as usize].ref_count += 1;
+    }
+
+    /// Drops one owner; at 0 the block goes to the back of the free queue, keeping its hash.
+    pub fn free(&mut self, block: BlockId) {
+        let m = &mut self.meta[block as usize];
+        assert!(m.ref_count > 0, "block {block} freed with ref count 0");
+        m.ref_count -= 1;
+        if m.ref_count == 0 {
+            self.free.push_back(block);
+        }
+    }
+
+    /// Frees a request's whole block table, tail first, so its prefix stays cached longest.
+    pub fn free_table(&mut self, table: Vec<BlockId>) {
+        for &b in table.iter().rev() {
+            self.free(b);
+        }
+    }
+
+    fn reference(&self, block: BlockId) -> CachedRef {
+        CachedRef {
+            block,
+            generation: self.meta[block as usize].generation,
+        }
+    }
+
+    fn tokens_of(&self, block: BlockId) -> &[TokenId] {
+        let start = block as usize * self.block_size;
+        &self.cached_tokens[start..start + self.block_size]
+    }
+
+    /// True if `block` holds exactly `tokens` and was computed right after `parent`.
+    fn verifies(&self, block: BlockId, parent: Option<CachedRef>, tokens: &[TokenId]) -> bool {
+        let m = &self.meta[block as usize];
+        let parent_ok = match (m.parent, parent) {
+            (None, None) => true,
+            (Some(p), Some(q)) => p == q && self.meta[p.block as usize].generation == p.generation,
+            _ => false,
+        };
+        parent_ok && self.tokens_of(block) == tokens
+    }
+
+    /// Appends to `out` the cached blocks for the longest verified prefix of `tokens`, at most
+    /// `max_blocks` blocks. `hashes` are the chained hashes of the full blocks of `tokens`.
+    /// Takes no ownership (see [`BlockPool::take`]).
+    pub fn find_cached_prefix(
+        &self,
+        hashes: &[BlockHash],
+        tokens: &[TokenId],
+        max_blocks: usize,
+        out: &mut Vec<BlockId>,
+    ) {
+        if !self.enable_caching {
+            return;
+        }
+        let mut parent = None;
+        for (i, h) in hashes.iter().take(max_blocks).enumerate() {
+            let Some(&b) = self.cache.get(h) else { break };
+            let block_tokens = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            if !self.verifies(b, parent, block_tokens) {
+                break;
+            }
+            out.push(b);
+            parent = Some(self.reference(b));
+        }
+    }
+
+    /// Cursor for a request whose first `hits` blocks came from the cache (`hits` non-empty).
+    pub fn cursor_after_hits(&self, hits: &[BlockId]) -> CacheCursor {
+        CacheCursor {
+            offered: hits.len(),
+            tail: hits.last().map(|&b| self.reference(b)),
+            broken: false,
+        }
+    }
+
+    /// Offers a request's computed full blocks `[cursor.offered, num_full)` to the cache.
+    /// `blocks`, `hashes` and `tokens` are the request's block table, block hashes and tokens.
+    /// A block whose hash is already cached by another (verified equal) block is left uncached
+    /// and the cached one stands for it; a collision stops the chain for this request.
+    pub fn register_full_blocks(
+        &mut self,
+        cursor: &mut CacheCursor,
+        blocks: &[BlockId],
+        hashes: &[BlockHash],
+        tokens: &[TokenId],
+        num_full: usize,
+    ) {
+        if !self.enable_caching {
+            return;
+        }
+        let bs = self.block_size;
+        while cursor.offered < num_full && !cursor.broken {
+            let i = cursor.offered;
+            let (b, h, block_tokens) = (blocks[i], hashes[i], &tokens[i * bs..(i + 1) * bs]);
+            let canonical = match self.cache.get(&h) {
+                Some(&c) if c == b => Some(c),
+                Some(&c) => self.verifies(c, cursor.tail, block_tokens).then_some(c),
+                None => {
+                    let m = &mut self.meta[b as usize];
+                    debug_assert!(m.hash.is_none(), "block {b} registered twice");
+                    m.hash = Some(h);
+                    m.parent = cursor.tail;
+                    self.cached_tokens[b as usize * bs..(b as usize + 1) * bs]
+                        .copy_from_slice(block_tokens);
+                    self.cache.insert(h, b);
+                    Some(b)
+                }
+            };
+            match canonical {
+                Some(c) => cursor.tail = Some(self.reference(c)),
+                None => cursor.broken = true,
+            }
+            cursor.offered += 1;
+        }
+    }
+
+    /// Checks every internal invariant; for tests. Returns a description of the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut queued = vec![false; self.meta.len()];
+        for b in self.free.walk()? {
+            if std::mem::replace(&mut queued[b as usize], true) {
+                return Err(format!("block {b} is in the free queue twice"));
+            }
+        }
+        for (i, m) in self.meta.iter().enumerate() {
+            if queued[i] != (m.ref_count == 0) {
+                return Err(format!(
+                    "block {i}: in free queue = {}, ref count = {}",
+                    queued[i], m.ref_count
+                ));
+            }
+            if let Some(h) = m.hash {
+                if self.cache.get(&h) != Some(&(i as u32)) {
+                    return Err(format!(
+                        "block {i} claims hash {h:#x} but the cache disagrees"
+                    ));
+                }
+            }
+        }
+        for (h, &blk) in &self.cache {
+            if self.meta[blk as usize].hash != Some(*h) {
+                return Err(format!(
+                    "cache entry {h:#x} -> block {blk} whose hash differs"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_hashes(tokens: &[TokenId], bs: usize) -> Vec<BlockHash> {
+        let mut h = Vec::new();
+        extend_block_hashes(&mut h, tokens, bs, tokens.len() / bs);
+        h
+    }
+
+    /// Allocates and registers a sequence's full blocks, returning its block table.
+    fn cache_sequence(pool: &mut BlockPool, tokens: &[TokenId]) -> Vec<BlockId> {
+        let bs = pool.block_size();
+        let hashes = full_hashes(tokens, bs);
+        let blocks: Vec<_> = (0..hashes.len())
+            .map(|_| pool.allocate().unwrap())
+            .collect();
+        let mut cursor = CacheCursor::default();
+        pool.register_full_blocks(&mut cursor, &blocks, &hashes, tokens, hashes.len());
+        blocks
+    }
+
+    #[test]
+    fn rejects_zero_sizes() {
+        assert_eq!(
+            BlockPool::new(0, 16, true).unwrap_err().to_string(),
+            "num_blocks must be >= 1, got 0"
+        );
+        assert_eq!(
+            BlockPool::new(4, 0, true).unwrap_err().to_string(),
+            "block_size must be >= 1, got 0"
+        );
+    }
+
+    #[test]
+    fn allocate_until_empty_then_free() {
+        let mut pool = BlockPool::new(3, 2, false).unwrap();
+        let got: Vec<_> = (0..3).map(|_| pool.allocate().unwrap()).collect();
+        assert_eq!(got, vec![0, 1, 2]);
+        assert_eq!(pool.allocate(), None);
+        pool.free_table(got);
+        assert_eq!(pool.num_free_blocks(), 3);
+        // Tail-first: block 2 was freed first, so it is reallocated first.
+        assert_eq!(pool.allocate(), Some(2));
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn hit_after_free_and_eviction_on_reallocation() {
+        let mut pool = BlockPool::new(4, 2, true).unwrap();
+        let toks = [1, 2, 3, 4, 5];
+        let table = cache_sequence(&mut pool, &toks);
+        assert_eq!(pool.num_cached_blocks(), 2);
+        pool.free_table(table.clone());
+        let hashes = full_hashes(&toks, 2);
+        let mut hits = Vec::new();
+        pool.find_cached_prefix(&hashes, &toks, 2, &mut hits);
+        assert_eq!(hits, table);
+        // Allocating all 4 blocks evicts both cached hashes.
+        for _ in 0..4 {
+            pool.allocate().unwrap();
+        }
+        assert_eq!(pool.num_cached_blocks(), 0);
+        hits.clear();
+        pool.find_cached_prefix(&hashes, &toks, 2, &mut hits);
+        assert!(hits.is_empty());
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn shared_prefix_ref_counts() {
+        let mut pool = BlockPool::new(4, 2, true).unwrap();
+        let toks = [7, 7, 8, 8];
+        let table = cache_sequence(&mut pool, &toks);
+        let mut hits = Vec::new();
+        pool.find_cached_prefix(&full_hashes(&toks, 2), &toks, 1, &mut hits);
+        assert_eq!(hits, vec![table[0]]);
+        pool.take(hits[0]);
+        assert_eq!(pool.ref_count(table[0]), 2);
+        pool.free_table(table);
+        assert_eq!(pool.ref_count(hits[0]), 1);
+        assert_eq!(pool.num_free_blocks(), 3);
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn forged_hash_collision_is_not_a_hit() {
+        let mut pool = BlockPool::new(4, 2, true).unwrap();
+        let table = cache_sequence(&mut pool, &[1, 2]);
+        pool.free_table(table);
+        // Same hash as [1, 2], different tokens: must miss.
+        let forged = full_hashes(&[1, 2], 2);
+        let mut hits = Vec::new();
+        pool.find_cached_prefix(&forged, &[9, 9], 1, &mut hits);
+        assert!(hits.is_empty());
+    }
+
+    #[test]
+    fn child_of_a_different_parent_is_not_a_hit() {
+        let mut pool = BlockPool::new(8, 2, true).unwrap();
+        let a = [1, 1, 5, 5];
+        let b = [2, 2];
+        let ta = cache_sequence(&mut pool, &a);
+        let tb = cache_sequence(&mut pool, &b);
+        // Query [2, 2, 5, 5] with a forged second hash equal to a's: block 0 hits b's block,
+        // block 1 finds a's block with equal tokens but a different parent -> must stop.
+        let forged = vec![full_hashes(&b, 2)[0], full_hashes(&a, 2)[1]];
+        let mut hits = Vec::new();
+        pool.find_cached_prefix(&forged, &[2, 2, 5, 5], 2, &mut hits);
+        assert_eq!(hits, vec![tb[0]]);
+        let _ = ta;
+    }
+
+    #[test]
+    fn duplicate_registration_keeps_first_block() {
+        let mut pool = BlockPool::new(8, 2, true).unwrap();
+        let toks = [3, 4, 5, 6];
+        let first = cache_sequence(&mut pool, &toks);
+        let second = cache_sequence(&mut pool, &toks);
+        assert_eq!(pool.num_cached_blocks(), 2);
+        let mut hits = Vec::new();
+        pool.find_cached_prefix(&full_hashes(&toks, 2), &toks, 2, &mut hits);
+        assert_eq!(hits, first);
+        pool.free_table(second);
+        pool.free_table(first);
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn counters_accumulate() {
+        let mut pool = BlockPool::new(2, 4, true).unwrap();
+        pool.record_lookup(10, 4);
+        pool.record_lookup(5, 0);
+        assert_eq!(pool.cache_counters(), (15, 4));
+    }
+}

@@ -1,0 +1,198 @@
+//! The one error type of the core. Every message names the limit that was broken and the value
+//! that was received, so a caller can fix its input without reading this crate.
+
+use thiserror::Error;
+
+/// Everything the core rejects. `py.rs` maps every variant to the Python `CoreError`
+/// (a `ValueError` subclass).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CoreError {
+    /// A numeric argument is outside its allowed range.
+    #[error("{field} must be {limit}, got {value}")]
+    OutOfRange {
+        /// Name of the argument, as the Python API spells it (with an index for list entries).
+        field: String,
+        /// The allowed range, in words (e.g. ">= 1").
+        limit: String,
+        /// The value received.
+        value: i128,
+    },
+    /// `add_request` was given an id that is already live.
+    #[error("request_id {request_id} is already in use by an unfinished request")]
+    DuplicateRequest {
+        /// The id received.
+        request_id: u64,
+    },
+    /// An operation named a request the scheduler does not know.
+    #[error(
+        "unknown request_id {request_id} (never added, or finished before the last schedule())"
+    )]
+    UnknownRequest {
+        /// The id received.
+        request_id: u64,
+    },
+    /// `prompt_len + max_tokens` exceeds the model's context length.
+    #[error(
+        "prompt_len + max_tokens must be <= max_model_len ({max_model_len}), \
+         got {prompt_len} + {max_tokens} = {}", prompt_len + max_tokens
+    )]
+    ExceedsModelLen {
+        /// Prompt tokens received.
+        prompt_len: usize,
+        /// `max_tokens` received.
+        max_tokens: usize,
+        /// The configured limit.
+        max_model_len: usize,
+    },
+    /// A request would need more KV blocks than the whole pool holds, so it could never finish.
+    #[error(
+        "request needs up to {needed_blocks} KV blocks ({num_tokens} tokens at block_size \
+         {block_size}) but num_blocks is {num_blocks}"
+    )]
+    NeverFits {
+        /// Blocks the request needs at its longest.
+        needed_blocks: usize,
+        /// Tokens whose KV the request keeps at its longest.
+        num_tokens: usize,
+        /// Tokens per block.
+        block_size: usize,
+        /// Blocks in the pool.
+        num_blocks: usize,
+    },
+    /// `update()` received a different number of tokens than the last step sampled.
+    #[error("sampled_token_ids must have one entry per sample_request_id ({expected}), got {got}")]
+    SampleCountMismatch {
+        /// `len(sample_request_ids)` of the last `SchedulerOutput`.
+        expected: usize,
+        /// Entries received.
+        got: usize,
+    },
+    /// `schedule()` was called again before `update()` consumed the previous step.
+    #[error(
+        "update() must follow each non-empty schedule(): {pending} request(s) of the previous \
+         step are still waiting for update() (or finish_request())"
+    )]
+    UpdatePending {
+        /// Live requests of the previous step.
+        pending: usize,
+    },
+    /// `finish_request` got a reason it does not accept.
+    #[error("reason must be one of \"stop\", \"abort\", \"error\", got {reason:?}")]
+    InvalidFinishReason {
+        /// The reason received.
+        reason: String,
+    },
+    /// `route()` got an expert id outside `[0, num_experts)`.
+    #[error("topk_ids[{token}, {slot}] must be in [0, num_experts={num_experts}), got {expert}")]
+    ExpertOutOfRange {
+        /// Token (row) of the bad entry.
+        token: usize,
+        /// Top-k slot (column) of the bad entry.
+        slot: usize,
+        /// The expert id received.
+        expert: i64,
+        /// The configured number of experts.
+        num_experts: usize,
+    },
+    /// `route()` got experts that do not split evenly over ranks.
+    #[error("num_experts must be a multiple of num_ranks ({num_ranks}), got {num_experts}")]
+    UnevenExperts {
+        /// Experts received.
+        num_experts: usize,
+        /// Ranks received.
+        num_ranks: usize,
+    },
+    /// A flat buffer does not have the length its shape promises.
+    #[error("{field} must have {expected} elements, got {got}")]
+    LengthMismatch {
+        /// Name of the buffer.
+        field: &'static str,
+        /// Elements the shape implies.
+        expected: usize,
+        /// Elements received.
+        got: usize,
+    },
+    /// A previous call panicked half-way, so the object's state can no longer be trusted.
+    #[error(
+        "the scheduler is unusable: an earlier call panicked (internal bug); create a new one"
+    )]
+    Poisoned,
+}
+
+/// Result alias used across the crate.
+pub type CoreResult<T> = Result<T, CoreError>;
+
+impl CoreError {
+    /// Shorthand for [`CoreError::OutOfRange`].
+    pub fn out_of_range(
+        field: impl Into<String>,
+        limit: impl Into<String>,
+        value: impl Into<i128>,
+    ) -> Self {
+        CoreError::OutOfRange {
+            field: field.into(),
+            limit: limit.into(),
+            value: value.into(),
+        }
+    }
+}
+
+/// Returns `Err(OutOfRange)` unless `min <= value <= max`; `field` is built only on error.
+pub fn check_in_range(
+    field: impl FnOnce() -> String,
+    value: i128,
+    min: i128,
+    max: i128,
+) -> CoreResult<()> {
+    if value < min || value > max {
+        return Err(CoreError::out_of_range(
+            field(),
+            format!("in [{min}, {max}]"),
+            value,
+        ));
+    }
+    Ok(())
+}
+
+/// Returns `Err(OutOfRange)` unless `value >= min`.
+pub fn check_at_least(field: &str, value: i128, min: i128) -> CoreResult<()> {
+    if value < min {
+        return Err(CoreError::out_of_range(field, format!(">= {min}"), value));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_limit_and_value() {
+        let e = CoreError::out_of_range("max_tokens", ">= 1", 0);
+        assert_eq!(e.to_string(), "max_tokens must be >= 1, got 0");
+        let e = CoreError::ExceedsModelLen {
+            prompt_len: 10,
+            max_tokens: 7,
+            max_model_len: 16,
+        };
+        assert!(e.to_string().contains("max_model_len (16)"));
+        assert!(e.to_string().contains("10 + 7 = 17"));
+        let e = CoreError::ExpertOutOfRange {
+            token: 3,
+            slot: 1,
+            expert: 9,
+            num_experts: 8,
+        };
+        assert_eq!(
+            e.to_string(),
+            "topk_ids[3, 1] must be in [0, num_experts=8), got 9"
+        );
+    }
+
+    #[test]
+    fn check_at_least_boundaries() {
+        assert!(check_at_least("block_size", 1, 1).is_ok());
+        let e = check_at_least("block_size", 0, 1).unwrap_err();
+        assert_eq!(e.to_string(), "block_size must be >= 1, got 0");
+    }
+}

@@ -1,0 +1,31 @@
+//! expertmesh core: the parts of the engine that are pure bookkeeping and must be fast.
+//!
+//! - [`block_pool`]: paged KV blocks, reference counts, prefix cache with an LRU free queue
+//!   (`free_queue`); chained block hashes in [`block_hash`].
+//! - [`scheduler`]: continuous batching: admission ([`scheduler_config`] validates requests),
+//!   `update` after sampling, finish/abort; the step itself (token budget, decodes first,
+//!   chunked prefill, preemption) in `schedule_step`; the batch arrays in `scheduler_output`.
+//! - [`request`]: per-request state, plain data.
+//! - [`routing`]: top-k expert choices -> expert-sorted order and per-rank send counts.
+//! - `py` (feature `python`): the PyO3 module `expertmesh._core`; the only file using pyo3.
+
+pub mod block_hash;
+pub mod block_pool;
+pub mod error;
+mod free_queue;
+pub mod request;
+pub mod routing;
+mod schedule_step;
+pub mod scheduler;
+pub mod scheduler_config;
+mod scheduler_output;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use block_pool::{BlockHash, BlockId, BlockPool};
+pub use error::{CoreError, CoreResult};
+pub use request::{FinishReason, Request, RequestStatus, StopConditions, TokenId};
+pub use routing::{route, RoutingPlan};
+pub use scheduler::{NewRequest, Scheduler, SchedulerConfig, SchedulerStats};
+pub use scheduler_output::SchedulerOutput;

@@ -1,0 +1,401 @@
+//! The Python module `expertmesh._core`: thin wrappers over the Rust API. This is the only file
+//! that knows about Python. Real work (schedule, update, route) runs with the GIL released;
+//! arrays are handed to numpy without copying (numpy takes ownership of the Rust `Vec`s).
+
+use numpy::{
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::error::{check_at_least, CoreError as RustCoreError};
+use crate::request::FinishReason;
+use crate::routing::route as route_rs;
+use crate::scheduler::{NewRequest, Scheduler, SchedulerConfig};
+use crate::scheduler_output::SchedulerOutput;
+
+create_exception!(
+    expertmesh._core,
+    CoreError,
+    PyValueError,
+    "Invalid input to the expertmesh core; the message names the limit and the value received."
+);
+
+fn py_err(e: RustCoreError) -> PyErr {
+    CoreError::new_err(e.to_string())
+}
+
+/// A Python int argument that must be >= 0, as usize (CoreError otherwise, not OverflowError).
+fn non_negative(field: &str, value: i64) -> PyResult<usize> {
+    check_at_least(field, value.into(), 0).map_err(py_err)?;
+    Ok(value as usize)
+}
+
+/// Reads a 1-D int sequence: a numpy int64/int32 array (fast path) or any sequence of ints.
+fn extract_ints(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Vec<i64>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
+        return Ok(a.as_array().to_vec());
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
+        return Ok(a.as_array().iter().map(|&x| x.into()).collect());
+    }
+    obj.extract::<Vec<i64>>().map_err(|_| {
+        let ty = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        PyTypeError::new_err(format!(
+            "{field} must be a sequence of ints or a 1-D int64/int32 array, got {ty}"
+        ))
+    })
+}
+
+/// The continuous-batching scheduler (see `_core.pyi`).
+#[pyclass(module = "expertmesh._core", name = "Scheduler")]
+struct PyScheduler {
+    /// The Rust scheduler.
+    inner: Scheduler,
+    /// Set while a call runs; left set if it panicked, which makes later calls fail cleanly.
+    busy_or_poisoned: bool,
+}
+
+impl PyScheduler {
+    /// Runs `f` on the scheduler, with the GIL released if `detach`; poisons on panic.
+    fn guarded<T: Send>(
+        &mut self,
+        py: Python<'_>,
+        detach: bool,
+        f: impl FnOnce(&mut Scheduler) -> Result<T, RustCoreError> + Send,
+    ) -> PyResult<T> {
+        if self.busy_or_poisoned {
+            return Err(py_err(RustCoreError::Poisoned));
+        }
+        self.busy_or_poisoned = true;
+        let inner = &mut self.inner;
+        let result = if detach {
+            py.detach(move || f(inner))
+        } else {
+            f(inner)
+        };
+        self.busy_or_poisoned = false;
+        result.map_err(py_err)
+    }
+}
+
+#[pymethods]
+impl PyScheduler {
+    #[new]
+    #[pyo3(signature = (*, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching=true))]
+    fn new(
+        num_blocks: i64,
+        block_size: i64,
+        max_num_seqs: i64,
+        max_num_batched_tokens: i64,
+        max_model_len: i64,
+        enable_prefix_caching: bool,
+    ) -> PyResult<Self> {
+        let config = SchedulerConfig {
+            num_blocks: non_negative("num_blocks", num_blocks)?,
+            block_size: non_negative("block_size", block_size)?,
+            max_num_seqs: non_negative("max_num_seqs", max_num_seqs)?,
+            max_num_batched_tokens: non_negative("max_num_batched_tokens", max_num_batched_tokens)?,
+            max_model_len: non_negative("max_model_len", max_model_len)?,
+            enable_prefix_caching,
+        };
+        Ok(PyScheduler {
+            inner: Scheduler::new(config).map_err(py_err)?,
+            busy_or_poisoned: false,
+        })
+    }
+
+    #[pyo3(signature = (request_id, prompt_token_ids, *, max_tokens, stop_token_ids=Vec::new(), eos_token_id=None, ignore_eos=false, priority=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_request(
+        &mut self,
+        py: Python<'_>,
+        request_id: u64,
+        prompt_token_ids: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        stop_token_ids: Vec<i64>,
+        eos_token_id: Option<i64>,
+        ignore_eos: bool,
+        priority: i64,
+    ) -> PyResult<()> {
+        let prompt_token_ids = extract_ints(prompt_token_ids, "prompt_token_ids")?;
+        let new = NewRequest {
+            request_id,
+            prompt_token_ids,
+            max_tokens,
+            stop_token_ids,
+            eos_token_id,
+            ignore_eos,
+            priority,
+        };
+        self.guarded(py, false, move |s| s.add_request(new))
+    }
+
+    fn schedule(&mut self, py: Python<'_>) -> PyResult<PySchedulerOutput> {
+        let out = self.guarded(py, true, |s| s.schedule())?;
+        Ok(PySchedulerOutput::new(py, out))
+    }
+
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        sampled_token_ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<(u64, &'static str)>> {
+        let tokens = extract_ints(sampled_token_ids, "sampled_token_ids")?;
+        let finished = self.guarded(py, true, move |s| s.update(&tokens))?;
+        Ok(finished
+            .into_iter()
+            .map(|(id, r)| (id, r.as_str()))
+            .collect())
+    }
+
+    fn finish_request(&mut self, py: Python<'_>, request_id: u64, reason: &str) -> PyResult<bool> {
+        let reason = match reason {
+            "stop" => FinishReason::Stop,
+            "abort" => FinishReason::Abort,
+            "error" => FinishReason::Error,
+            other => {
+                return Err(py_err(RustCoreError::InvalidFinishReason {
+                    reason: other.to_string(),
+                }))
+            }
+        };
+        self.guarded(py, false, move |s| Ok(s.finish_request(request_id, reason)))
+    }
+
+    fn abort(&mut self, py: Python<'_>, request_id: u64) -> PyResult<bool> {
+        self.guarded(py, false, move |s| Ok(s.abort(request_id)))
+    }
+
+    fn has_unfinished(&self) -> bool {
+        self.inner.has_unfinished()
+    }
+
+    #[getter]
+    fn num_waiting(&self) -> usize {
+        self.inner.num_waiting()
+    }
+
+    #[getter]
+    fn num_running(&self) -> usize {
+        self.inner.num_running()
+    }
+
+    #[getter]
+    fn num_free_blocks(&self) -> usize {
+        self.inner.num_free_blocks()
+    }
+
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.inner.num_blocks()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("prefix_cache_queries", s.prefix_cache_queries)?;
+        d.set_item("prefix_cache_hits", s.prefix_cache_hits)?;
+        d.set_item("num_preemptions", s.num_preemptions)?;
+        d.set_item("num_free_blocks", s.num_free_blocks)?;
+        d.set_item("num_cached_blocks", s.num_cached_blocks)?;
+        Ok(d)
+    }
+
+    fn output_token_ids(&self, request_id: u64) -> PyResult<Vec<u32>> {
+        self.inner
+            .output_token_ids(request_id)
+            .map(<[u32]>::to_vec)
+            .map_err(py_err)
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Scheduler(num_blocks={}, block_size={}, max_num_seqs={}, max_num_batched_tokens={}, \
+             max_model_len={}, waiting={}, running={}, free_blocks={})",
+            c.num_blocks,
+            c.block_size,
+            c.max_num_seqs,
+            c.max_num_batched_tokens,
+            c.max_model_len,
+            self.inner.num_waiting(),
+            self.inner.num_running(),
+            self.inner.num_free_blocks()
+        )
+    }
+}
+
+/// One step's batch as numpy arrays (see `_core.pyi` for shapes).
+#[pyclass(module = "expertmesh._core", name = "SchedulerOutput", frozen)]
+struct PySchedulerOutput {
+    /// `[N]` uint64 scheduled request ids in batch order.
+    #[pyo3(get)]
+    request_ids: Py<PyArray1<u64>>,
+    /// `[T]` int32 token ids.
+    #[pyo3(get)]
+    input_ids: Py<PyArray1<i32>>,
+    /// `[T]` int32 positions.
+    #[pyo3(get)]
+    positions: Py<PyArray1<i32>>,
+    /// `[T]` int64 KV slots.
+    #[pyo3(get)]
+    slot_mapping: Py<PyArray1<i64>>,
+    /// `[N+1]` int32 prefix sums of new tokens per request.
+    #[pyo3(get)]
+    query_start_loc: Py<PyArray1<i32>>,
+    /// `[N]` int32 KV length after this step.
+    #[pyo3(get)]
+    seq_lens: Py<PyArray1<i32>>,
+    /// `[N, MB]` int32 block tables padded with 0.
+    #[pyo3(get)]
+    block_tables: Py<PyArray2<i32>>,
+    /// `[S]` uint64 requests that sample.
+    #[pyo3(get)]
+    sample_request_ids: Py<PyArray1<u64>>,
+    /// `[S]` int32 index into T of each sampling request's last token.
+    #[pyo3(get)]
+    logits_indices: Py<PyArray1<i32>>,
+    /// Prefill tokens in the batch.
+    #[pyo3(get)]
+    num_prefill_tokens: usize,
+    /// Decode tokens in the batch.
+    #[pyo3(get)]
+    num_decode_tokens: usize,
+    /// T == 0.
+    #[pyo3(get)]
+    is_empty: bool,
+}
+
+impl PySchedulerOutput {
+    fn new(py: Python<'_>, out: SchedulerOutput) -> Self {
+        let (n, mb) = (out.num_requests(), out.max_blocks_per_request);
+        let is_empty = out.is_empty();
+        let block_tables = PyArray1::from_vec(py, out.block_tables)
+            .reshape([n, mb])
+            .expect("n * mb elements by construction")
+            .unbind();
+        PySchedulerOutput {
+            request_ids: PyArray1::from_vec(py, out.request_ids).unbind(),
+            input_ids: PyArray1::from_vec(py, out.input_ids).unbind(),
+            positions: PyArray1::from_vec(py, out.positions).unbind(),
+            slot_mapping: PyArray1::from_vec(py, out.slot_mapping).unbind(),
+            query_start_loc: PyArray1::from_vec(py, out.query_start_loc).unbind(),
+            seq_lens: PyArray1::from_vec(py, out.seq_lens).unbind(),
+            block_tables,
+            sample_request_ids: PyArray1::from_vec(py, out.sample_request_ids).unbind(),
+            logits_indices: PyArray1::from_vec(py, out.logits_indices).unbind(),
+            num_prefill_tokens: out.num_prefill_tokens,
+            num_decode_tokens: out.num_decode_tokens,
+            is_empty,
+        }
+    }
+}
+
+#[pymethods]
+impl PySchedulerOutput {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "SchedulerOutput(num_requests={}, num_prefill_tokens={}, num_decode_tokens={}, num_samples={})",
+            self.request_ids.bind(py).len(),
+            self.num_prefill_tokens,
+            self.num_decode_tokens,
+            self.sample_request_ids.bind(py).len()
+        )
+    }
+}
+
+/// Expert-sorted order and per-rank counts of one MoE layer's routing (see `_core.pyi`).
+#[pyclass(module = "expertmesh._core", name = "RoutingPlan", frozen)]
+struct PyRoutingPlan {
+    /// `[T*k]` pair ids sorted by expert (stable).
+    #[pyo3(get)]
+    sorted_pair_ids: Py<PyArray1<i64>>,
+    /// `[T*k]` position of each pair in sorted order.
+    #[pyo3(get)]
+    pair_positions: Py<PyArray1<i64>>,
+    /// `[E]` pairs per expert.
+    #[pyo3(get)]
+    tokens_per_expert: Py<PyArray1<i64>>,
+    /// `[E+1]` offsets of each expert's pairs.
+    #[pyo3(get)]
+    expert_offsets: Py<PyArray1<i64>>,
+    /// `[R]` distinct tokens sent to each rank.
+    #[pyo3(get)]
+    rank_send_counts: Py<PyArray1<i64>>,
+}
+
+/// Copies a `[T, k]` int32/int64 array (so no other thread can change it while the GIL is free).
+fn read_topk_ids(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<i64>, usize, usize)> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'_, i32>>() {
+        let shape = (a.shape()[0], a.shape()[1]);
+        return Ok((
+            a.as_array().iter().map(|&x| x.into()).collect(),
+            shape.0,
+            shape.1,
+        ));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'_, i64>>() {
+        let shape = (a.shape()[0], a.shape()[1]);
+        return Ok((a.as_array().iter().copied().collect(), shape.0, shape.1));
+    }
+    let ty = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    Err(PyTypeError::new_err(format!(
+        "topk_ids must be a 2-D int32 or int64 numpy array [T, k], got {ty}"
+    )))
+}
+
+#[pyfunction]
+#[pyo3(signature = (topk_ids, num_experts, num_ranks=1))]
+fn route(
+    py: Python<'_>,
+    topk_ids: &Bound<'_, PyAny>,
+    num_experts: i64,
+    num_ranks: i64,
+) -> PyResult<PyRoutingPlan> {
+    let (ids, t, k) = read_topk_ids(topk_ids)?;
+    let (e, r) = (
+        non_negative("num_experts", num_experts)?,
+        non_negative("num_ranks", num_ranks)?,
+    );
+    let plan = py
+        .detach(move || route_rs(&ids, t, k, e, r))
+        .map_err(py_err)?;
+    Ok(PyRoutingPlan {
+        sorted_pair_ids: PyArray1::from_vec(py, plan.sorted_pair_ids).unbind(),
+        pair_positions: PyArray1::from_vec(py, plan.pair_positions).unbind(),
+        tokens_per_expert: PyArray1::from_vec(py, plan.tokens_per_expert).unbind(),
+        expert_offsets: PyArray1::from_vec(py, plan.expert_offsets).unbind(),
+        rank_send_counts: PyArray1::from_vec(py, plan.rank_send_counts).unbind(),
+    })
+}
+
+/// Panics inside Rust with the GIL released; tests use it to check a panic becomes a Python
+/// exception (pyo3's PanicException) instead of aborting the interpreter.
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, message: String) {
+    py.detach(move || panic!("{message}"));
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add_class::<PyScheduler>()?;
+    m.add_class::<PySchedulerOutput>()?;
+    m.add_class::<PyRoutingPlan>()?;
+    m.add_function(wrap_pyfunction!(route, m)?)?;
+    // setattr, not add: keeps the test hook out of __all__.
+    m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
+    Ok(())
+}
