@@ -200,3 +200,40 @@ def test_builtin_default_model_runs():
     again = LLM(show_progress=False).generate(["Hello, world!"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert again[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
     assert_no_leak(llm)
+
+
+def test_failed_forward_pass_ends_requests_with_error_and_engine_goes_on(llm, monkeypatch):
+    batch = prompts(3, seed=10)
+    real_execute = llm.engine.runner.execute
+    calls = {"n": 0}
+
+    def failing_once(step_batch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # fail mid-generation, after the prefill step
+            raise RuntimeError("injected fault")
+        return real_execute(step_batch)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", failing_once)
+    outs = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error"] * 3
+    assert_no_leak(llm)
+    monkeypatch.setattr(llm.engine.runner, "execute", real_execute)
+    assert greedy_tokens(llm, batch[:1])[0] == greedy_tokens(llm, batch)[0]
+
+
+def test_bfloat16_engine_runs_and_stays_close_to_float32(mixtral_dir):
+    bf16 = LLM(str(mixtral_dir), dtype="bfloat16", kv_cache_blocks=64, show_progress=False)
+    assert bf16.engine.runner.dtype == torch.bfloat16
+    assert bf16.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    batch = prompts(3, seed=11)
+    (out,) = bf16.generate(batch[:1], SamplingParams(temperature=0, max_tokens=4, logprobs=1, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4
+    fp32 = LLM(str(mixtral_dir), kv_cache_blocks=64, show_progress=False)
+    (ref,) = fp32.generate(batch[:1], SamplingParams(temperature=0, max_tokens=1, logprobs=1, ignore_eos=True), use_tqdm=False)
+    # The first token's logprob under bf16 arithmetic is close to fp32's (bf16 has ~3 digits).
+    first_bf16 = out.outputs[0].logprobs[0]
+    first_fp32 = ref.outputs[0].logprobs[0]
+    token = ref.outputs[0].token_ids[0]
+    assert out.outputs[0].token_ids[0] == token
+    assert first_bf16[token].logprob == pytest.approx(first_fp32[token].logprob, abs=0.05)
+    assert_no_leak(bf16)

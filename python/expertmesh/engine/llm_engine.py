@@ -8,6 +8,7 @@ requests on eos, stop ids or length) -> detokenizers find stop strings and finis
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import numpy as np
@@ -20,9 +21,12 @@ from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.request_state import RequestState, SequenceState
 from expertmesh.engine.sampler import Sampler
 from expertmesh.errors import InvalidRequestError
+from expertmesh.layers.moe import FusedMoE
 from expertmesh.outputs import Logprob, RequestOutput
 from expertmesh.sampling_params import SamplingParams
 from expertmesh.tokenizer import CheckpointTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -144,6 +148,23 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    # ---- observability -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """A snapshot for metrics: scheduler and KV-cache counters (cumulative ones included)
+        and tokens routed to each expert of each MoE layer ([layers][E], cumulative)."""
+        sched = self.scheduler
+        snapshot: dict[str, object] = dict(sched.stats())
+        snapshot.update(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_blocks=sched.num_blocks,
+            num_free_blocks=sched.num_free_blocks,
+        )
+        moe_layers = [m for m in self.runner.model.modules() if isinstance(m, FusedMoE)]
+        snapshot["expert_tokens"] = [m.tokens_routed.tolist() for m in moe_layers]
+        return snapshot
+
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -153,10 +174,16 @@ class LLMEngine:
             if self._requests and not self.scheduler.has_unfinished():
                 raise RuntimeError("engine holds requests the scheduler no longer knows")  # a bug, never input
             return []
-        logits = self.runner.execute(batch)  # [S, V]
         core_ids = batch.sample_request_ids.tolist()
         seqs = [self._seqs[i][1] for i in core_ids]
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        try:
+            logits = self.runner.execute(batch)  # [S, V]
+            sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:
+            # A failed forward pass ends the step's requests with reason "error" (their blocks
+            # are freed) instead of leaving them stuck; the engine keeps serving the others.
+            logger.exception("step failed; finishing its %d requests with an error", len(batch.request_ids))
+            return self._fail_requests(batch.request_ids.tolist())
         token_ids = sampled.token_ids.tolist()
         finished = dict(self.scheduler.update(np.asarray(token_ids, dtype=np.int64)))
 
@@ -184,6 +211,19 @@ class LLMEngine:
         outputs = []
         for state in touched.values():
             outputs.append(state.to_output())
+            if state.finished:
+                del self._requests[state.request_id]
+        return outputs
+
+    def _fail_requests(self, core_ids: list[int]) -> list[RequestOutput]:
+        failed: dict[str, RequestState] = {}
+        for core_id in core_ids:
+            state, seq = self._seqs.pop(core_id)
+            self.scheduler.finish_request(core_id, "error")
+            seq.finish_reason = "error"
+            failed[state.request_id] = state
+        outputs = [state.to_output() for state in failed.values()]
+        for state in failed.values():
             if state.finished:
                 del self._requests[state.request_id]
         return outputs
