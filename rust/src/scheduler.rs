@@ -345,26 +345,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
-        SchedulerConfig {
-            num_blocks,
-            block_size,
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-            max_model_len: 256,
-            enable_prefix_caching: true,
-        }
-    }
-
-    fn new_request(id: u64, prompt_len: usize, max_tokens: i64) -> NewRequest {
-        NewRequest {
-            request_id: id,
-            prompt_token_ids: (0..prompt_len as i64).collect(),
-            max_tokens,
-            ..Default::default()
-        }
-    }
+    use crate::scheduler_config::test_support::{config, new_request};
 
     #[test]
     fn rejects_bad_config() {

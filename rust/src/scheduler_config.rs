@@ -115,12 +115,13 @@ impl NewRequest {
     }
 }
 
+/// Small configs and requests shared by the scheduler's unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
-    use crate::scheduler::Scheduler;
 
-    fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
+    /// A scheduler config with room for 8 sequences of up to 256 tokens.
+    pub(crate) fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
         SchedulerConfig {
             num_blocks,
             block_size,
@@ -131,7 +132,8 @@ mod tests {
         }
     }
 
-    fn new_request(id: u64, prompt_len: usize, max_tokens: i64) -> NewRequest {
+    /// A request whose prompt is the tokens 0..prompt_len.
+    pub(crate) fn new_request(id: u64, prompt_len: usize, max_tokens: i64) -> NewRequest {
         NewRequest {
             request_id: id,
             prompt_token_ids: (0..prompt_len as i64).collect(),
@@ -139,6 +141,13 @@ mod tests {
             ..Default::default()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{config, new_request};
+    use super::*;
+    use crate::scheduler::Scheduler;
 
     #[test]
     fn add_request_validation() {
