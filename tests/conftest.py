@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from model_factory import make_checkpoint
+from model_factory import add_default_tokenizer, make_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,17 +26,6 @@ def _private_cache(tmp_path_factory):
     mp.setenv("EXPERTMESH_CACHE", str(tmp_path_factory.mktemp("expertmesh-cache")))
     yield
     mp.undo()
-
-
-def add_default_tokenizer(path: Path) -> Path:
-    """Give a checkpoint the built-in model's tokenizer files (its vocab must cover them)."""
-    from expertmesh import default_model
-
-    (path / "tokenizer.json").write_text(default_model._tokenizer_json())
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>", "chat_template": default_model.CHAT_TEMPLATE})
-    )
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ Checkpoints carry no tokenizer (conftest.add_default_tokenizer adds one).
 from __future__ import annotations
 
 from pathlib import Path
+import json
 from typing import Any
 
 import torch
@@ -119,3 +120,14 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
     return model.eval()
+
+
+def add_default_tokenizer(path: Path) -> Path:
+    """Give a checkpoint the built-in model's tokenizer files (its vocab must cover them)."""
+    from expertmesh import default_model
+
+    (path / "tokenizer.json").write_text(default_model._tokenizer_json())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "chat_template": default_model.CHAT_TEMPLATE})
+    )
+    return path
