@@ -1,4 +1,4 @@
-"""The `expertmesh` command: `expertmesh generate ...` (serve and bench come with their issues)."""
+"""The `expertmesh` command: `expertmesh serve ...` (the HTTP server) and `expertmesh generate ...`."""
 
 from __future__ import annotations
 
@@ -66,9 +66,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from expertmesh.server.serve import serve_main
+
+    return serve_main(args, _engine_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Serve mixture-of-experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the built-in model on 127.0.0.1:8000)")
+    _add_engine_args(serve)
+    from expertmesh.server.serve import add_serve_args
+
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate completions offline, in this process")
     _add_engine_args(gen)
     s = gen.add_argument_group("sampling")

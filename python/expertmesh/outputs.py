@@ -45,6 +45,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    # Text produced since this request's previous output (what a stream sends next). Held-back
+    # text (a possible stop-string prefix, an unfinished character) arrives in a later delta.
+    text_delta: str = ""
 
     def __post_init__(self) -> None:
         # A wrong reason here is an engine bug; fail where it is made, not in a client.

@@ -35,6 +35,8 @@ class SequenceState:
         return self.finish_reason is not None
 
     def to_output(self) -> CompletionOutput:
+        """The sequence so far; hands over (and clears) the text produced since the last call."""
+        delta, self.pending_delta = self.pending_delta, ""
         return CompletionOutput(
             index=self.index,
             text=self.detokenizer.output_text,
@@ -43,6 +45,7 @@ class SequenceState:
             stop_reason=self.stop_reason,
             logprobs=self.logprobs,
             cumulative_logprob=self.cumulative_logprob,
+            text_delta=delta,
         )
 
 

@@ -11,6 +11,7 @@ Legend: T tokens, H hidden, E experts, k top-k, I expert intermediate size, P = 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,14 +20,18 @@ from expertmesh.layers.linear import Linear
 from expertmesh_kernels.moe import expert_mlp_ref, topk_gating_ref
 
 
-def routing_plan(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_plan(
+    topk_ids: torch.Tensor, num_experts: int, counts: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expert-sorted order of the T*k (token, slot) pairs of topk_ids [T, k], from the Rust core.
 
     Returns sorted_pair_ids [P] (pair p = token * k + slot, sorted by expert, stable),
     pair_positions [P] (inverse permutation) and expert_offsets [E+1], all int64 on
-    topk_ids' device.
+    topk_ids' device. `counts` [E] int64, if given, has this call's tokens per expert added.
     """
     plan = route(topk_ids.to(torch.int32).cpu().numpy(), num_experts, 1)
+    if counts is not None:
+        counts += plan.tokens_per_expert  # already on the host: counting costs no device sync
     device = topk_ids.device
     return (
         torch.from_numpy(plan.sorted_pair_ids).to(device),
@@ -53,6 +58,9 @@ class FusedMoE(nn.Module):
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
         self.gate = Linear(hidden_size, num_experts, dtype=dtype)  # the router
+        # Tokens routed to each expert since load (MoE load). A plain array, not a buffer, so
+        # it stays out of state dicts; the engine reads it for its stats.
+        self.tokens_routed = np.zeros(num_experts, dtype=np.int64)  # [E]
         self.w_gate_up = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
         )
@@ -68,7 +76,7 @@ class FusedMoE(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run the chosen experts and sum their outputs with the routing weights."""
         num_tokens = x.shape[0]
-        sorted_pair_ids, pair_positions, expert_offsets = routing_plan(ids, self.num_experts)
+        sorted_pair_ids, pair_positions, expert_offsets = routing_plan(ids, self.num_experts, self.tokens_routed)
         x_sorted = x[sorted_pair_ids // self.top_k]  # [P, H]
         y_sorted = expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)  # [P, H]
         y = y_sorted[pair_positions].view(num_tokens, self.top_k, self.hidden_size)  # [T, k, H]

@@ -1,0 +1,194 @@
+"""The engine process: runs LLMEngine in a loop and talks to the frontend over one socket.
+
+It never waits on HTTP. A reader thread turns incoming frames into a queue; the main loop takes
+whatever is queued (adds, aborts), runs one step when there is work, and sends that step's
+deltas back. When idle it blocks on the queue, so it costs nothing.
+
+Frames, frontend -> engine:
+  {"type": "add", "id", "prompt_ids", "params": SamplingParams fields, "priority"}
+  {"type": "abort", "id"}         the client went away (or the drain timed out)
+  {"type": "shutdown"}
+Frames, engine -> frontend:
+  {"type": "ready", "model", "max_model_len", "vocab_size", "num_kv_blocks", "pid"}
+  {"type": "outputs", "outputs": [{"id", "finished", "queue_time"?, "seqs": [
+      {"index", "text", "token_ids", "logprobs"?, "finish_reason", "stop_reason"}]}]}
+      text / token_ids / logprobs hold only what is new since the previous frame.
+  {"type": "error", "id", "error": {"message", "param"}}   the engine rejected an add
+  {"type": "stats", ...LLMEngine.stats()}                  after steps (rate-limited) and when idle
+  {"type": "fatal", "message"}                             startup or a step failed; the process exits
+
+Detokenization and stop strings run here, not in the frontend (DESIGN.md puts them in the
+frontend): the engine finds a stop string in the same step that produced it, so no token is
+generated past a stop and KV blocks are freed at once; the frontend only forwards text deltas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from expertmesh.errors import InvalidRequestError
+from expertmesh.server.link import LinkClosed, encode, recv_frame
+
+STATS_INTERVAL_S = 0.1  # a stats frame at most this often while busy (and always when going idle)
+
+
+def _logprob_entries(entries: list[dict]) -> list[list[list[Any]]]:
+    # Per generated token: [[token_id, logprob, rank, text], ...], the sampled token first.
+    return [[[tid, lp.logprob, lp.rank, lp.decoded_token] for tid, lp in entry.items()] for entry in entries]
+
+
+class EngineLoop:
+    def __init__(self, engine: Any, sock: socket.socket) -> None:
+        self.engine = engine
+        self.sock = sock
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.sent: dict[str, list[int]] = {}  # request id -> tokens already sent, per sequence
+        self.arrival: dict[str, float] = {}  # request id -> when it arrived, until its first output
+        self.last_stats = 0.0
+        self.dirty = True
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(encode(message))
+
+    def _read_forever(self) -> None:
+        try:
+            while True:
+                self.inbox.put(recv_frame(self.sock))
+        except (LinkClosed, OSError):
+            # The frontend is gone: nobody can receive results, so stop.
+            self.inbox.put({"type": "shutdown"})
+
+    def _handle(self, message: dict[str, Any]) -> bool:
+        """Apply one frame; False means shut down."""
+        kind = message["type"]
+        if kind == "add":
+            from expertmesh.sampling_params import SamplingParams
+
+            request_id = message["id"]
+            try:
+                params = SamplingParams(**message["params"])
+                self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0))
+            except (InvalidRequestError, TypeError) as exc:
+                param = getattr(exc, "param", None)
+                self.send({"type": "error", "id": request_id, "error": {"message": str(exc), "param": param}})
+                return True
+            self.sent[request_id] = [0] * params.n
+            self.arrival[request_id] = time.monotonic()
+        elif kind == "abort":
+            self.engine.abort_request(message["id"])
+            self.sent.pop(message["id"], None)
+            self.arrival.pop(message["id"], None)
+        elif kind == "shutdown":
+            return False
+        self.dirty = True
+        return True
+
+    def _outputs_frame(self, outputs: list[Any], step_start: float) -> dict[str, Any]:
+        frames = []
+        for out in outputs:
+            sent = self.sent.get(out.request_id)
+            if sent is None:  # aborted while the step ran
+                continue
+            item: dict[str, Any] = {"id": out.request_id, "finished": out.finished, "seqs": []}
+            arrived = self.arrival.pop(out.request_id, None)
+            if arrived is not None:
+                item["queue_time"] = max(0.0, step_start - arrived)
+            for seq in out.outputs:
+                start = sent[seq.index]
+                sent[seq.index] = len(seq.token_ids)
+                entry: dict[str, Any] = {
+                    "index": seq.index,
+                    "text": seq.text_delta,
+                    "token_ids": seq.token_ids[start:],
+                    "finish_reason": seq.finish_reason,
+                    "stop_reason": seq.stop_reason,
+                }
+                if seq.logprobs is not None:
+                    entry["logprobs"] = _logprob_entries(seq.logprobs[start:])
+                item["seqs"].append(entry)
+            if out.finished:
+                self.sent.pop(out.request_id, None)
+            frames.append(item)
+        return {"type": "outputs", "outputs": frames}
+
+    def run(self) -> None:
+        threading.Thread(target=self._read_forever, name="engine-link-reader", daemon=True).start()
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            try:
+                # Idle: block until the frontend sends something. Busy: only take what is queued.
+                message = self.inbox.get(block=not busy, timeout=None)
+                if not self._handle(message):
+                    return
+                while True:
+                    if not self._handle(self.inbox.get_nowait()):
+                        return
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished_requests():
+                step_start = time.monotonic()
+                outputs = self.engine.step()
+                if outputs:
+                    self.send(self._outputs_frame(outputs, step_start))
+                self.dirty = True
+            now = time.monotonic()
+            idle = not self.engine.has_unfinished_requests()
+            if self.dirty and (idle or now - self.last_stats >= STATS_INTERVAL_S):
+                self.send({"type": "stats", **self.engine.stats()})
+                self.last_stats, self.dirty = now, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="expertmesh engine process (started by `expertmesh serve`)")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the frontend")
+    parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        from expertmesh.config import EngineConfig
+        from expertmesh.engine.llm_engine import LLMEngine
+
+        config = EngineConfig(**json.loads(args.config))
+        engine = LLMEngine(config)
+    except Exception as exc:  # noqa: BLE001 - reported to the frontend, which exits with it
+        sock.sendall(encode({"type": "fatal", "message": f"engine failed to start: {exc}"}))
+        return 1
+    sock.sendall(
+        encode(
+            {
+                "type": "ready",
+                "model": config.model or config.model_path.name,
+                "max_model_len": engine.max_model_len,
+                "vocab_size": engine.runner.vocab_size,
+                "num_kv_blocks": engine.runner.num_kv_blocks,
+                "pid": os.getpid(),
+            }
+        )
+    )
+    loop = EngineLoop(engine, sock)
+    try:
+        loop.run()
+    except (LinkClosed, BrokenPipeError, ConnectionResetError):
+        return 0
+    except Exception:  # noqa: BLE001 - a bug in a step: tell the frontend, which fails in-flight requests
+        message = traceback.format_exc()
+        print(message, file=sys.stderr)
+        try:
+            sock.sendall(encode({"type": "fatal", "message": message.strip().splitlines()[-1]}))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One request's life in the frontend: admission, the engine queue, metrics, and abort on exit.
+
+`Generation` is an async iterator of the engine's per-step items for one request. Leaving it
+early for any reason (client disconnect cancels the handler, a write fails, an error) aborts
+the request in the engine, which frees its KV blocks; that is the only cleanup path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from expertmesh.server.engine_client import EngineClient, EngineDeadError, EngineRejected
+from expertmesh.server.metrics import ServerMetrics
+from expertmesh.server.validation import APIError
+
+
+@dataclass
+class AdmissionLimits:
+    max_waiting_requests: int = 512
+    max_waiting_tokens: int = 1 << 20
+    retry_after_s: int = 1
+
+
+class Admission:
+    """Counts requests sent to the engine that have not produced a token yet (and their prompt
+    tokens). Past a limit a new request gets 429 with Retry-After instead of queueing forever."""
+
+    def __init__(self, limits: AdmissionLimits) -> None:
+        self.limits = limits
+        self.waiting_requests = 0
+        self.waiting_tokens = 0
+
+    def admit(self, tokens: int) -> None:
+        lim = self.limits
+        headers = {"Retry-After": str(lim.retry_after_s)}
+        if self.waiting_requests + 1 > lim.max_waiting_requests:
+            raise APIError(429, f"too many waiting requests: {self.waiting_requests} waiting, the limit is "
+                                f"{lim.max_waiting_requests}; retry later", code="too_many_waiting_requests", headers=headers)
+        if self.waiting_tokens + tokens > lim.max_waiting_tokens:
+            raise APIError(429, f"too many waiting prompt tokens: {self.waiting_tokens} waiting plus {tokens} "
+                                f"exceeds the limit of {lim.max_waiting_tokens}; retry later",
+                           code="too_many_waiting_tokens", headers=headers)
+        self.waiting_requests += 1
+        self.waiting_tokens += tokens
+
+    def started(self, tokens: int) -> None:
+        self.waiting_requests -= 1
+        self.waiting_tokens -= tokens
+
+
+class Generation:
+    def __init__(self, engine: EngineClient, admission: Admission, metrics: ServerMetrics,
+                 prompt_ids: list[int], params: dict[str, Any]) -> None:
+        self.engine, self.admission, self.metrics = engine, admission, metrics
+        self.prompt_ids, self.params = prompt_ids, params
+        self.request_id = uuid.uuid4().hex
+        self.arrival = time.monotonic()
+        self.completion_tokens = 0
+        self._cost = len(prompt_ids) * params["n"]
+        self._queue: asyncio.Queue | None = None
+        self._waiting = False
+        self._finished = False
+        self._last_token_at: float | None = None
+
+    async def __aenter__(self) -> "Generation":
+        self.admission.admit(self._cost)
+        self._waiting = True
+        try:
+            self._queue = await self.engine.add(self.request_id, self.prompt_ids, self.params)
+        except EngineDeadError as exc:
+            self._leave_waiting()
+            raise APIError(503, f"engine is not running: {exc}", code="engine_dead") from None
+        return self
+
+    def _leave_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self.admission.started(self._cost)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._leave_waiting()
+        if not self._finished:
+            # Cancelled (client gone), failed, or drained: free the engine's KV blocks now.
+            await self.engine.abort(self.request_id)
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._finished:
+            raise StopAsyncIteration
+        assert self._queue is not None
+        item = await self._queue.get()
+        if isinstance(item, EngineRejected):
+            self._finished = True  # the engine never queued it
+            raise APIError(400, item.message, param=item.param, code="invalid_value")
+        if isinstance(item, EngineDeadError):
+            self._finished = True
+            raise APIError(503, f"engine process died: {item}", code="engine_dead")
+        if any(s["finish_reason"] == "error" for s in item["seqs"]):
+            # The engine's forward pass failed for this request (it freed its blocks already).
+            self._finished = True
+            raise APIError(500, "the engine failed while running this request", code="engine_error")
+        now = time.monotonic()
+        if self._waiting:
+            self._leave_waiting()
+            self.metrics.first_token(now - self.arrival, item.get("queue_time"))
+        new = sum(len(s["token_ids"]) for s in item["seqs"])
+        gap = None if self._last_token_at is None else now - self._last_token_at
+        self.metrics.tokens(new, gap)
+        self._last_token_at = now
+        self.completion_tokens += new
+        if item["finished"]:
+            self._finished = True
+            reasons = [s["finish_reason"] for s in item["seqs"] if s["finish_reason"]]
+            self.metrics.finished(len(self.prompt_ids), now - self.arrival, reasons[0] if reasons else "stop")
+        return item

@@ -1,0 +1,104 @@
+"""Prometheus metrics, named as vLLM names them (with the `expertmesh:` prefix) so operators'
+dashboards and alerts carry over: `expertmesh:num_requests_running` is `vllm:num_requests_running`.
+
+Two sources. What the frontend sees itself (token counts, latencies) goes into ordinary
+prometheus-client metrics. What only the engine knows (queue lengths, KV-cache use, prefix-cache
+and preemption counters, tokens routed to each expert) arrives in the engine's stats frames and
+is exported by a collector that reads the latest frame at scrape time, so a scrape never waits
+on the engine and cumulative engine counters stay counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+
+
+class _EngineCollector:
+    """Exports the latest engine stats frame (a dict; empty until the engine's first frame)."""
+
+    def __init__(self, stats: Any, model: str) -> None:
+        self._stats = stats  # a callable returning the latest frame
+        self._model = model
+
+    def collect(self):
+        s = self._stats() or {}
+        labels = ["model_name"]
+        value = [self._model]
+
+        def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"expertmesh:{name}", doc, labels=labels)
+            g.add_metric(value, v)
+            return g
+
+        def counter(name: str, doc: str, v: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"expertmesh:{name}", doc, labels=labels)
+            c.add_metric(value, v)
+            return c
+
+        blocks = s.get("num_blocks") or 0
+        used = blocks - s.get("num_free_blocks", blocks)
+        yield gauge("num_requests_running", "Requests in the engine's running batch.", s.get("num_running", 0))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting", 0))
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used / blocks if blocks else 0.0)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.get("prefix_cache_queries", 0))
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.get("prefix_cache_hits", 0))
+        yield counter("num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.",
+                      s.get("num_preemptions", 0))
+        experts = CounterMetricFamily("expertmesh:expert_tokens", "Tokens routed to each expert (MoE load).",
+                                      labels=["model_name", "layer", "expert"])
+        for layer, counts in enumerate(s.get("expert_tokens", [])):
+            for expert, n in enumerate(counts):
+                experts.add_metric([self._model, str(layer), str(expert)], n)
+        yield experts
+
+
+class ServerMetrics:
+    def __init__(self, model: str, engine_stats: Any) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter("expertmesh:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter("expertmesh:generation_tokens", "Tokens generated.", labels, registry=r)
+        self.request_success = Counter("expertmesh:request_success", "Requests finished, by finish reason.",
+                                       ["model_name", "finished_reason"], registry=r)
+        self.ttft = Histogram("expertmesh:time_to_first_token_seconds", "Arrival to first token.", labels,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("expertmesh:inter_token_latency_seconds", "Time between output tokens.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("expertmesh:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("expertmesh:request_queue_time_seconds",
+                                    "Engine arrival to the step that produced the first token.", labels,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.model = model
+        r.register(_EngineCollector(engine_stats, model))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- what the request handlers report ----------------------------------------------
+
+    def first_token(self, seconds: float, queue_time: float | None) -> None:
+        self.ttft.labels(self.model).observe(seconds)
+        if queue_time is not None:
+            self.queue_time.labels(self.model).observe(queue_time)
+
+    def tokens(self, n: int, gap_seconds: float | None) -> None:
+        """n new tokens arrived; gap_seconds since the previous ones (None for the first)."""
+        self.generation_tokens.labels(self.model).inc(n)
+        if gap_seconds is not None and n:
+            # A frame can carry several tokens of one sequence; spread the gap over them.
+            for _ in range(n):
+                self.itl.labels(self.model).observe(gap_seconds / n)
+
+    def finished(self, prompt_tokens: int, seconds: float, reason: str) -> None:
+        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self.e2e.labels(self.model).observe(seconds)
+        self.request_success.labels(self.model, reason).inc()
