@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Cargo.toml kernels/pyproject.toml $(wildcard rust/src/*
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/expertmesh generate
+	$(VENV)/bin/expertmesh serve
 
 test: setup test-rust test-python stubtest
 
