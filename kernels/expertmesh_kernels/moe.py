@@ -80,3 +80,68 @@ def expert_mlp_ref(
         act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x_sorted.dtype)  # [n, I]
         out[lo:hi] = F.linear(act, w_down[e])  # [n, H]
     return out
+
+
+def moe_align_ref(
+    topk_ids: torch.Tensor,  # [T, k] int
+    num_experts: int,
+    block_m: int,
+    expert_map: torch.Tensor | None = None,  # [E] int32: global expert -> local id, -1 = not local
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-aligned block sorting of the P = T*k (token, slot) pairs for the grouped GEMMs.
+
+    Each local expert's pairs (stable, by pair id p = token * k + slot) fill a segment padded
+    to a multiple of block_m with the sentinel P; pairs of non-local experts get no segment.
+    Returns sorted_ids [Pmax] int32 (segments first, then sentinels up to the bound
+    Pmax = P + min(E, P) * (block_m - 1)), block_expert [Pmax // block_m] int32 (local expert
+    of each block, -1 past the end), num_padded [1] int32 (used length of sorted_ids) and
+    counts [E] int32 (pairs per global expert, local or not).
+    """
+    ids = topk_ids.reshape(-1).to(torch.int64)  # [P]
+    num_pairs = ids.numel()
+    device = topk_ids.device
+    counts = torch.bincount(ids, minlength=num_experts)[:num_experts]  # [E]
+    local = torch.arange(num_experts, device=device) if expert_map is None else expert_map.to(torch.int64)
+    padded = torch.where(local >= 0, (counts + block_m - 1) // block_m * block_m, 0)  # [E]
+    starts = torch.cumsum(padded, 0) - padded  # [E]
+    max_padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    block_expert = torch.full((max_padded // block_m,), -1, dtype=torch.int32, device=device)
+    order = torch.sort(ids, stable=True).indices  # [P]
+    sorted_experts = ids[order]
+    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    keep = local[sorted_experts] >= 0
+    sorted_ids[(starts[sorted_experts] + rank)[keep]] = order[keep].to(torch.int32)
+    for e in torch.nonzero(padded).flatten().tolist():
+        lo = int(starts[e]) // block_m
+        block_expert[lo : lo + int(padded[e]) // block_m] = int(local[e])
+    num_padded = padded.sum().reshape(1).to(torch.int32)
+    return sorted_ids, block_expert, num_padded, counts.to(torch.int32)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, H]
+    w_gate_up: torch.Tensor,  # [EL, 2I, H] local experts
+    w_down: torch.Tensor,  # [EL, H, I]
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    topk_ids: torch.Tensor,  # [T, k] int, global expert ids
+    expert_map: torch.Tensor | None = None,  # [E] int32: global -> local id or -1 (EP)
+) -> torch.Tensor:  # [T, H]
+    """sum_j w[t, j] * expert_{id[t, j]}(x[t]) over the k choices whose expert is local.
+
+    Without expert_map all experts are local (EL = E). Choices of non-local experts add
+    nothing (another rank computes them). The sum runs in fp32 and is rounded once.
+    """
+    num_tokens, k = topk_ids.shape
+    ids = topk_ids.reshape(-1).to(torch.int64)  # [P]
+    if expert_map is not None:
+        ids = expert_map.to(torch.int64)[ids]  # local ids, -1 = skip
+    num_local = w_gate_up.shape[0]
+    keep = torch.nonzero(ids >= 0).flatten()  # [P'] pair ids
+    order = keep[torch.sort(ids[keep], stable=True).indices]  # [P'] pairs sorted by local expert
+    counts = torch.bincount(ids[order], minlength=num_local)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # [EL+1]
+    y_sorted = expert_mlp_ref(x[order // k], w_gate_up, w_down, offsets)  # [P', H]
+    y = torch.zeros(num_tokens * k, x.shape[1], dtype=torch.float32, device=x.device)  # [P, H]
+    y[order] = y_sorted.float() * topk_weights.reshape(-1, 1)[order].float()
+    return y.view(num_tokens, k, -1).sum(dim=1).to(x.dtype)

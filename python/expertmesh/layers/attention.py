@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from expertmesh_kernels.attention import paged_attention_ref, write_kv_cache_ref
+from expertmesh_kernels import ops
 
 
 @dataclass
@@ -94,8 +94,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, NH, D]
         k_cache, v_cache = kv_cache
-        write_kv_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention_ref(
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)  # Triton on CUDA, else the ref
+        out = ops.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
             scale=self.scale, sliding_window=self.sliding_window,
         )

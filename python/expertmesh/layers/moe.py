@@ -17,7 +17,8 @@ from torch import nn
 
 from expertmesh._core import route
 from expertmesh.layers.linear import Linear
-from expertmesh_kernels.moe import expert_mlp_ref, topk_gating_ref
+from expertmesh_kernels import ops
+from expertmesh_kernels.moe import expert_mlp_ref
 
 
 def routing_plan(
@@ -70,12 +71,15 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         router_logits = self.gate(x)  # [T, E]
-        weights, ids = topk_gating_ref(router_logits, self.top_k, self.renormalize)  # [T, k] x2
+        weights, ids = ops.topk_gating(router_logits, self.top_k, self.renormalize)  # [T, k] x2
         return self.experts(x, weights, ids)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run the chosen experts and sum their outputs with the routing weights."""
         num_tokens = x.shape[0]
+        if ops.use_triton(x):  # fused Triton kernels: sorting, grouped GEMMs and weights on the device
+            self.tokens_routed += torch.bincount(ids.flatten().long(), minlength=self.num_experts).cpu().numpy()
+            return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
         sorted_pair_ids, pair_positions, expert_offsets = routing_plan(ids, self.num_experts, self.tokens_routed)
         x_sorted = x[sorted_pair_ids // self.top_k]  # [P, H]
         y_sorted = expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)  # [P, H]

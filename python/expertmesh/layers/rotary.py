@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from expertmesh_kernels import ops
+
 SUPPORTED_ROPE_TYPES = ("default",)
 
 
@@ -59,8 +61,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, NH, D] by the per-token angles (cos, sin [T, D/2])."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate x [T, NH, D] by the per-token angles (cos, sin [T, D/2]).
+
+    Triton on CUDA, else expertmesh_kernels.norm_rope_ref.apply_rotary_ref (same arithmetic).
+    """
+    return ops.apply_rotary(x, cos, sin)
