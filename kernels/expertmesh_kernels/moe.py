@@ -3,10 +3,10 @@
 Shapes: T tokens, E experts, k experts per token, H hidden size, I expert intermediate size,
 P routed (token, expert) pairs, sorted by expert.
 
-Assumptions (the Triton versions, added to this file later as ``topk_gating`` /
-``expert_mlp``, must keep them):
-- Gating is softmax over all E router logits in fp32, then top-k by probability (ties go to
-  the lower expert id, as torch.topk does on CPU), optionally renormalised so the k weights
+Assumptions (the Triton versions in gating.py and fused_moe.py keep them):
+- Gating is softmax over all E router logits in fp32, then top-k by probability (the order of
+  exact ties is torch.topk's and not specified; the Triton kernel picks the lower id),
+  optionally renormalised so the k weights
   sum to 1. This is the Mixtral / Qwen-MoE / OLMoE rule; other routers (grouped top-k,
   sigmoid scores, correction bias) get their own ops.
 - Expert weights are fused per layer: w_gate_up [E, 2I, H] holds the gate projection in rows
