@@ -109,3 +109,16 @@ def test_error_chunk_in_a_stream_raises():
     with pytest.raises(errors.APIError) as info:
         next(stream)
     assert info.value.code == "d" and "engine died" in info.value.message
+
+
+def test_importing_the_sdk_does_not_import_torch():
+    # A client-only install must not pay for (or need) torch: expertmesh/__init__ is lazy.
+    import subprocess
+    import sys
+
+    code = ("import expertmesh.sdk, sys; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import expertmesh; assert 'torch' not in sys.modules; assert expertmesh.__version__")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    lazy = subprocess.run([sys.executable, "-c", "from expertmesh import LLM, SamplingParams; print(LLM.__name__)"],
+                          check=True, timeout=120, capture_output=True, text=True)
+    assert lazy.stdout.strip() == "LLM"

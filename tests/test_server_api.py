@@ -136,6 +136,10 @@ def test_sdk_stream_and_async_64_concurrent(server):
     ({"prompt": "hi", "logprobs": 6}, "logprobs"),
     ({"prompt": "hi", "n": 0}, "n"),
     ({"prompt": [1, 2, 100000]}, "prompt[2]"),
+    ({"prompt": [[1, 2], [3, 100000]]}, "prompt[1][1]"),
+    ({"prompt": ["a", [1, 2]]}, "prompt[1]"),
+    ({"prompt": ["a", ""]}, "prompt[1]"),
+    ({"prompt": [[5, 6], [5] * 300]}, "prompt[1]"),  # the second prompt overflows the context
     ({"prompt": "hi", "stream": "yes"}, "stream"),
 ])
 def test_validation_errors_are_400_naming_the_field(server, body, param):
@@ -143,6 +147,72 @@ def test_validation_errors_are_400_naming_the_field(server, body, param):
     assert status == 400, payload
     err = payload["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": -1}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 4}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": 100}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "suffix": " the end"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs"),  # a chat field
+    ("/v1/completions", {"prompt": "hi", "temprature": 0.5}, "temprature"),  # a typo is not ignored
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+     "stream_options.x"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"presence_penalty": 1.0}, "presence_penalty"),
+    ("/v1/chat/completions", {"logit_bias": {"7": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {"echo": False}, "echo"),  # a completions field
+    ("/v1/chat/completions", {"store": True}, "store"),
+])
+def test_unsupported_fields_are_400_not_ignored(server, path, body, param):
+    if path.endswith("chat/completions"):
+        body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    status, _, payload = http("POST", server.url + path, body, headers=AUTH)
+    assert status == 400, payload
+    err = payload["error"]
+    assert err["param"] == param and "not supported" in err["message"] and param.split(".")[-1] in err["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(oai):
+    out = oai.completions.create(model="tiny", prompt="hi", max_tokens=2, presence_penalty=0, frequency_penalty=0.0,
+                                 echo=False, best_of=1, logit_bias={}, suffix="", user="me",
+                                 extra_body={"repetition_penalty": 1.0})
+    assert len(out.choices) == 1
+    out = oai.completions.create(model="tiny", prompt="hi", max_tokens=2, n=2, best_of=2)
+    assert len(out.choices) == 2
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       presence_penalty=0, frequency_penalty=0, logit_bias={}, tools=[],
+                                       tool_choice="none", response_format={"type": "text"}, user="me")
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_batch_of_prompts_is_one_request_per_prompt(oai, sdk):
+    kwargs = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    singles = [oai.completions.create(prompt=p, **kwargs) for p in ("The experts", "A mixture of", "Hello")]
+    out = oai.completions.create(prompt=["The experts", "A mixture of", "Hello"], n=2, **kwargs)
+    assert [c.index for c in out.choices] == list(range(6))
+    for p, single in enumerate(singles):
+        assert [out.choices[p * 2 + i].text for i in range(2)] == [single.choices[0].text] * 2
+    assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert out.usage.completion_tokens == 3 * 2 * 4
+    # token-id lists too, and streamed: every chunk's choice carries its index
+    ids = [sdk.tokenize("The experts"), sdk.tokenize("Hello")]
+    whole = oai.completions.create(prompt=ids, **kwargs)
+    assert [c.text for c in whole.choices] == [singles[0].choices[0].text, singles[2].choices[0].text]
+    texts, reasons, usage = ["", ""], [None, None], None
+    for chunk in oai.completions.create(prompt=ids, stream=True, stream_options={"include_usage": True}, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in whole.choices] and reasons == ["length", "length"]
+    assert usage.completion_tokens == 8 and usage.prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_malformed_json_unknown_model_body_limit_auth(server):
@@ -167,17 +237,42 @@ def test_sdk_maps_errors_and_honours_retry_after(server, sdk):
     assert info.value.param == "temperature"
     with pytest.raises(sdk_errors.NotFoundError):
         sdk.completion("hi", model="nope")
-    # One request whose prompt tokens x n exceed the waiting-token limit is refused with 429.
+    # One request whose prompt tokens x n alone exceed the waiting-token limit can never be
+    # admitted: 400 naming the limit and the value, not a 429 that no retry would get past.
     prompt = list(range(5, 205))
     status, headers, payload = http("POST", server.url + "/v1/completions", {"prompt": prompt, "n": 11}, headers=AUTH)
-    assert status == 429 and headers["Retry-After"] == "1" and str(MAX_WAITING_TOKENS) in payload["error"]["message"]
-    import time
+    assert status == 400 and "Retry-After" not in headers, payload
+    assert payload["error"]["param"] == "n" and payload["error"]["code"] == "request_too_large"
+    assert str(MAX_WAITING_TOKENS) in payload["error"]["message"] and "2200" in payload["error"]["message"]
+    with pytest.raises(sdk_errors.BadRequestError):
+        Client(server.url, api_key=KEY, max_retries=3).completion(prompt, n=11)  # no retries on 400
+    status, _, payload = http("POST", server.url + "/v1/completions", {"prompt": [prompt[:120], prompt[:120]], "n": 9},
+                              headers=AUTH)
+    assert status == 400 and "2160" in payload["error"]["message"], payload  # a batch counts all its prompts
 
-    retrying = Client(server.url, api_key=KEY, max_retries=1)
-    start = time.monotonic()
-    with pytest.raises(sdk_errors.RateLimitError) as info:
-        retrying.completion(prompt, n=11)
-    assert info.value.retry_after == 1.0 and time.monotonic() - start >= 1.0  # it waited before its retry
+
+def test_transient_overload_is_429_with_retry_after_then_succeeds(server):
+    # Each request alone fits the waiting-token limit (1600 <= 2000), two waiting at once do not:
+    # fired together, some are refused with 429 + Retry-After while others wait for their first token.
+    body = {"prompt": list(range(5, 205)), "n": 8, "max_tokens": 2, "ignore_eos": True}
+
+    async def one(session: aiohttp.ClientSession) -> tuple[int, str | None]:
+        async with session.post(server.url + "/v1/completions", json=body, headers=AUTH) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("Retry-After")
+
+    async def burst():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.wait_for(asyncio.gather(*(one(session, ) for _ in range(12))), 60)
+
+    results = asyncio.run(burst())
+    assert {s for s, _ in results} <= {200, 429} and (200, None) in results, results
+    assert (429, "1") in results, results
+    # Once the burst is over the same request is admitted, directly and through the SDK's retries.
+    status, _, payload = http("POST", server.url + "/v1/completions", body, headers=AUTH)
+    assert status == 200 and len(payload["choices"]) == 8, payload
+    out = Client(server.url, api_key=KEY, max_retries=5, timeout=60).completion(**body)
+    assert len(out.choices) == 8
 
 
 def test_models_tokenize_detokenize(server, sdk):

@@ -113,7 +113,8 @@ class Client(_Base):
                 if chunk is not None:
                     yield chunk
 
-    def completion(self, prompt: str | list[int], *, stream: bool = False, **fields: Any):
+    def completion(self, prompt: str | list[int] | list[str] | list[list[int]], *, stream: bool = False,
+                         **fields: Any):
         body = _request_body(CompletionRequest, prompt=prompt, stream=stream, **fields)
         if stream:
             return self._stream("/v1/completions", body, Completion.from_dict)
@@ -197,7 +198,8 @@ class AsyncClient(_Base):
                     yield chunk
         raise APIConnectionError("stream ended without [DONE]")
 
-    async def completion(self, prompt: str | list[int], *, stream: bool = False, **fields: Any):
+    async def completion(self, prompt: str | list[int] | list[str] | list[list[int]], *, stream: bool = False,
+                               **fields: Any):
         body = _request_body(CompletionRequest, prompt=prompt, stream=stream, **fields)
         if stream:
             return self._stream("/v1/completions", body, Completion.from_dict)

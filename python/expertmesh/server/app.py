@@ -7,6 +7,8 @@ event loop never runs model code, so /health and /metrics answer while the engin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import time
@@ -129,48 +131,101 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _run(request: web.Request, req, prompt_ids: list[int], logprobs: int | None, chat: bool) -> web.StreamResponse:
+async def _run(request: web.Request, req, prompts: list[list[int]], logprobs: int | None,
+               chat: bool) -> web.StreamResponse:
+    """Run one request: one prompt, or (completions) a batch, each prompt its own engine request
+    with choices indexed prompt_index * n + i and usage summed, as OpenAI and vLLM do."""
     state = request.app[STATE]
-    max_tokens = check_context(len(prompt_ids), req.max_tokens, int(state.engine.info["max_model_len"]))
-    params = req.sampling_params(max_tokens, logprobs)
-    wire = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.__dict__.items()}
+    max_model_len = int(state.engine.info["max_model_len"])
+    wires = []
+    for p, ids in enumerate(prompts):
+        try:
+            max_tokens = check_context(len(ids), req.max_tokens, max_model_len)
+        except InvalidRequestError as exc:
+            if len(prompts) > 1 and exc.param == "prompt":
+                exc.param, exc.message = f"prompt[{p}]", f"prompt[{p}]: {exc.message}"
+            raise
+        params = req.sampling_params(max_tokens, logprobs)
+        wires.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in params.__dict__.items()})
+    state.admission.check_admissible([len(ids) for ids in prompts], req.n)
     kind, obj = (ChatCompletion, "chat.completion") if chat else (Completion, "text_completion")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     n, k = req.n, logprobs or 0
+    total = n * len(prompts)
     state.in_flight += 1
     try:
-        async with Generation(state.engine, state.admission, state.metrics, prompt_ids, wire) as gen:
+        async with contextlib.AsyncExitStack() as stack:
+            gens = [await stack.enter_async_context(Generation(state.engine, state.admission, state.metrics, ids, wire))
+                    for ids, wire in zip(prompts, wires)]
             if req.stream:
-                return await _stream(request, req, gen, kind, obj + (".chunk" if chat else ""), rid, created, k, chat)
-            texts, reasons = [""] * n, [None] * n
-            lps: list[list[Any]] = [[] for _ in range(n)]
-            async for item in gen:
-                for s in item["seqs"]:
-                    i = s["index"]
-                    texts[i] += s["text"]
-                    lps[i] += s.get("logprobs") or []
-                    reasons[i] = s["finish_reason"] or reasons[i]
-            usage = Usage.of(len(prompt_ids), gen.completion_tokens)
+                return await _stream(request, req, gens, kind, obj + (".chunk" if chat else ""), rid, created, k, chat)
+            texts, reasons = [""] * total, [None] * total
+            lps: list[list[Any]] = [[] for _ in range(total)]
+            async with contextlib.aclosing(_merge(gens)) as merged:
+                async for p, item in merged:
+                    for s in item["seqs"]:
+                        i = p * n + s["index"]
+                        texts[i] += s["text"]
+                        lps[i] += s.get("logprobs") or []
+                        reasons[i] = s["finish_reason"] or reasons[i]
+            usage = Usage.of(sum(len(ids) for ids in prompts), sum(g.completion_tokens for g in gens))
             if chat:
                 choices = [ChatChoice(i, ChatMessage("assistant", texts[i]), finish_reason=reasons[i],
                                       logprobs=_chat_logprobs(lps[i], k) if logprobs is not None else None)
-                           for i in range(n)]
+                           for i in range(total)]
             else:
                 choices = [CompletionChoice(i, texts[i], reasons[i],
                                             _completion_logprobs(lps[i], k, 0) if logprobs is not None else None)
-                           for i in range(n)]
+                           for i in range(total)]
             return web.json_response(kind(rid, created, state.model_name, choices, usage, obj).to_dict())
     finally:
         state.in_flight -= 1
 
 
-async def _stream(request, req, gen: Generation, kind, obj: str, rid: str, created: int, k: int, chat: bool):
+async def _merge(gens: list[Generation]):
+    """(prompt index, item) from several generations as they arrive; one generation is read
+    directly. An error in any of them is raised here; the rest are left to the exit stack."""
+    if len(gens) == 1:
+        async for item in gens[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(p: int, gen: Generation) -> None:
+        try:
+            async for item in gen:
+                await queue.put((p, item))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            await queue.put((p, exc))
+            return
+        await queue.put((p, done))
+
+    tasks = [asyncio.create_task(pump(p, g)) for p, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            p, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield p, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stream(request, req, gens: list[Generation], kind, obj: str, rid: str, created: int, k: int, chat: bool):
     state = request.app[STATE]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     want_lp = (req.engine_logprobs if chat else req.logprobs) is not None
-    offsets = [0] * req.n
+    n = req.n
+    offsets = [0] * (n * len(gens))
 
     def chunk(choices) -> bytes:
         usage = None
@@ -181,24 +236,25 @@ async def _stream(request, req, gen: Generation, kind, obj: str, rid: str, creat
 
     try:
         if chat:  # OpenAI opens each choice with the assistant role
-            await response.write(chunk([ChatChoice(i, delta={"role": "assistant", "content": ""}) for i in range(req.n)]))
-        async for item in gen:
-            choices = []
-            for s in item["seqs"]:
-                i, text, entries = s["index"], s["text"], s.get("logprobs") or []
-                if not text and not s["finish_reason"] and not entries:
-                    continue  # nothing to show yet (held-back text)
-                if chat:
-                    choices.append(ChatChoice(i, delta={"content": text} if text else {}, finish_reason=s["finish_reason"],
-                                              logprobs=_chat_logprobs(entries, k) if want_lp else None))
-                else:
-                    choices.append(CompletionChoice(i, text, s["finish_reason"],
-                                                    _completion_logprobs(entries, k, offsets[i]) if want_lp else None))
-                offsets[i] += len(text)
-            if choices:
-                await response.write(chunk(choices))
+            await response.write(chunk([ChatChoice(i, delta={"role": "assistant", "content": ""}) for i in range(n)]))
+        async with contextlib.aclosing(_merge(gens)) as merged:
+            async for p, item in merged:
+                choices = []
+                for s in item["seqs"]:
+                    i, text, entries = p * n + s["index"], s["text"], s.get("logprobs") or []
+                    if not text and not s["finish_reason"] and not entries:
+                        continue  # nothing to show yet (held-back text)
+                    if chat:
+                        choices.append(ChatChoice(i, delta={"content": text} if text else {}, finish_reason=s["finish_reason"],
+                                                  logprobs=_chat_logprobs(entries, k) if want_lp else None))
+                    else:
+                        choices.append(CompletionChoice(i, text, s["finish_reason"],
+                                                        _completion_logprobs(entries, k, offsets[i]) if want_lp else None))
+                    offsets[i] += len(text)
+                if choices:
+                    await response.write(chunk(choices))
         if req.include_usage:
-            usage = Usage.of(len(gen.prompt_ids), gen.completion_tokens)
+            usage = Usage.of(sum(len(g.prompt_ids) for g in gens), sum(g.completion_tokens for g in gens))
             await response.write(_sse(kind(rid, created, state.model_name, [], usage, obj).to_dict()))
     except APIError as exc:
         # Headers are sent: the error travels as a data chunk, as OpenAI does it.
@@ -213,10 +269,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _check_serving(state)
     req = CompletionRequest.from_body(await _json_body(request))
     _check_model(state, req.model)
-    if isinstance(req.prompt, str):
-        ids = state.tokenizer.encode(req.prompt)
-    else:
-        ids = check_token_ids(req.prompt, int(state.engine.info["vocab_size"]))
+    vocab = int(state.engine.info["vocab_size"])
+    prompts = req.prompts
+    param = (lambda p: "prompt") if len(prompts) == 1 else (lambda p: f"prompt[{p}]")
+    ids = [state.tokenizer.encode(prompt) if isinstance(prompt, str) else check_token_ids(prompt, vocab, param(p))
+           for p, prompt in enumerate(prompts)]
     return await _run(request, req, ids, req.logprobs, chat=False)
 
 
@@ -226,7 +283,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = ChatCompletionRequest.from_body(await _json_body(request))
     _check_model(state, req.model)
     prompt = state.tokenizer.apply_chat_template(req.messages)
-    return await _run(request, req, state.tokenizer.encode(prompt), req.engine_logprobs, chat=True)
+    return await _run(request, req, [state.tokenizer.encode(prompt)], req.engine_logprobs, chat=True)
 
 
 # ---- everything else ---------------------------------------------------------------------------

@@ -27,12 +27,30 @@ class AdmissionLimits:
 
 class Admission:
     """Counts requests sent to the engine that have not produced a token yet (and their prompt
-    tokens). Past a limit a new request gets 429 with Retry-After instead of queueing forever."""
+    tokens). Past a limit a new request gets 429 with Retry-After instead of queueing forever;
+    one that would exceed a limit on its own gets 400 (`check_admissible`), as retrying is futile."""
 
     def __init__(self, limits: AdmissionLimits) -> None:
         self.limits = limits
         self.waiting_requests = 0
         self.waiting_tokens = 0
+
+    def check_admissible(self, prompt_lens: list[int], n: int) -> None:
+        """400 (not 429) for a request that could never be admitted, even on an idle server:
+        retrying it would never succeed. `prompt_lens`: one entry per prompt of the request."""
+        lim = self.limits
+        if len(prompt_lens) > lim.max_waiting_requests:
+            raise APIError(400, f"the request has {len(prompt_lens)} prompts, over the server's limit of "
+                                f"{lim.max_waiting_requests} waiting requests (--max-waiting-requests); "
+                                f"send fewer prompts per request", param="prompt", code="request_too_large")
+        cost = sum(prompt_lens) * n
+        if cost > lim.max_waiting_tokens:
+            what = (f"{prompt_lens[0]} prompt tokens" if len(prompt_lens) == 1
+                    else f"{sum(prompt_lens)} prompt tokens over {len(prompt_lens)} prompts")
+            raise APIError(400, f"{what} x n={n} is {cost} waiting tokens, over the server's limit of "
+                                f"{lim.max_waiting_tokens} (--max-waiting-tokens); this request can never be "
+                                f"admitted: shorten the prompt or lower n", param="prompt" if n == 1 else "n",
+                           code="request_too_large")
 
     def admit(self, tokens: int) -> None:
         lim = self.limits

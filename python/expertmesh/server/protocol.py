@@ -14,13 +14,73 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertmesh.sampling_params import SamplingParams
-from expertmesh.server.validation import get_bool, get_int, get_number, get_str, invalid
+from expertmesh.server.validation import _short, get_bool, get_int, get_number, get_str, invalid
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
 MAX_TOP_LOGPROBS = 20  # and for chat `top_logprobs`
 # vLLM extensions we accept too (same names and meaning).
 _EXTRA_SAMPLING = ("top_k", "min_p", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
                    "skip_special_tokens")
+# Fields both endpoints implement (plus _EXTRA_SAMPLING); `user` is accepted and has no effect.
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
+                  "user", *_EXTRA_SAMPLING}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+_STREAM_OPTIONS = {"include_usage"}
+
+
+def _is_neutral_number(value: Any, neutral: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+
+
+# Fields OpenAI defines that this server does not implement: accepted only at their neutral
+# value (what a client sends when the feature is off), else 400 naming the field.
+_NEUTRAL = {
+    "presence_penalty": ("0", lambda v, b: _is_neutral_number(v, 0)),
+    "frequency_penalty": ("0", lambda v, b: _is_neutral_number(v, 0)),
+    "repetition_penalty": ("1.0", lambda v, b: _is_neutral_number(v, 1)),
+    "logit_bias": ("an empty object", lambda v, b: v == {}),
+    "echo": ("false", lambda v, b: v is False),
+    "suffix": ("an empty string", lambda v, b: v == ""),
+    "best_of": ("equal to n", lambda v, b: _is_neutral_number(v, b.get("n") if b.get("n") is not None else 1)),
+    "tools": ("an empty list", lambda v, b: v == []),
+    "tool_choice": ('"none"', lambda v, b: v == "none"),
+    "parallel_tool_calls": ("absent (no tools)", lambda v, b: False),
+    "functions": ("an empty list", lambda v, b: v == []),
+    "function_call": ('"none"', lambda v, b: v == "none"),
+    "response_format": ('{"type": "text"}', lambda v, b: v == {"type": "text"}),
+}
+_NEUTRAL_FIELDS = {
+    "completion": ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "echo", "suffix",
+                   "best_of"),
+    "chat": ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "tools", "tool_choice",
+             "parallel_tool_calls", "functions", "function_call", "response_format"),
+}
+
+
+def check_supported(body: dict[str, Any], endpoint: str) -> None:
+    """400 for any field this server would otherwise ignore: unknown names, and implemented-
+    elsewhere features (penalties, logit_bias, echo, tools, ...) set to a non-neutral value."""
+    known = _COMPLETION_FIELDS if endpoint == "completion" else _CHAT_FIELDS
+    neutral = _NEUTRAL_FIELDS[endpoint]
+    path = "/v1/completions" if endpoint == "completion" else "/v1/chat/completions"
+    for name, value in body.items():
+        if name in known or value is None:
+            continue
+        if name in neutral:
+            what, ok = _NEUTRAL[name]
+            if not ok(value, body):
+                raise invalid(name, f"{name} is not supported by this server (only {what} is accepted), "
+                                    f"got {_short(value)}", value)
+            continue
+        raise invalid(name, f"{name} is not supported: it is not a field of {path} on this server, "
+                            f"got {_short(value)}", value)
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        for name, value in options.items():
+            if name not in _STREAM_OPTIONS and value is not None:
+                raise invalid(f"stream_options.{name}", f"stream_options.{name} is not supported by this server "
+                                                        f"(only include_usage is), got {_short(value)}", value)
 
 
 @dataclass
@@ -76,23 +136,43 @@ class _Request:
 
 @dataclass
 class CompletionRequest(_Request):
-    prompt: str | list[int] = ""
+    prompt: str | list[int] | list[str] | list[list[int]] = ""
     logprobs: int | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "CompletionRequest":
+        check_supported(body, "completion")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise invalid("prompt", "prompt must be a string, a list of token ids, or a list of one of those "
-                                    "(batches of several prompts are not supported)", None)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            # A batch: several strings, or several lists of token ids (never mixed).
+            kind = type(prompt[0])
+            for i, p in enumerate(prompt):
+                if type(p) is not kind:
+                    raise invalid(f"prompt[{i}]", f"prompt[{i}] must be a {'string' if kind is str else 'list of token ids'}"
+                                                  f" like prompt[0] (a batch cannot mix the two), got {type(p).__name__}",
+                                  None)
+                if len(p) == 0:
+                    raise invalid(f"prompt[{i}]", f"prompt[{i}] must not be empty", p)
+                if kind is list and not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                    raise invalid(f"prompt[{i}]", f"prompt[{i}] must be a list of integer token ids", None)
+        elif isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise invalid("prompt", "prompt must be a string, a list of token ids, or a list of several of one "
+                                    "of those", None)
         if not isinstance(prompt, (str, list)):
             raise invalid("prompt", f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", prompt)
         if len(prompt) == 0:
             raise invalid("prompt", "prompt must not be empty", prompt)
         return cls(prompt=prompt, logprobs=get_int(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS),
                    **cls._common(body, 16))
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: one, or several for a batch."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
 
     def to_body(self) -> dict[str, Any]:
         body = {"prompt": self.prompt, **self._body()}
@@ -109,6 +189,7 @@ class ChatCompletionRequest(_Request):
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "ChatCompletionRequest":
+        check_supported(body, "chat")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid("messages", "messages must be a non-empty list of {role, content} objects", None)
