@@ -169,9 +169,12 @@ def test_validation_errors_are_400_naming_the_field(server, body, param):
     ("/v1/chat/completions", {"logit_bias": {"7": -100}}, "logit_bias"),
     ("/v1/chat/completions", {"echo": False}, "echo"),  # a completions field
     ("/v1/chat/completions", {"store": True}, "store"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "",
+                                            "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages[0].tool_calls"),
 ])
 def test_unsupported_fields_are_400_not_ignored(server, path, body, param):
-    if path.endswith("chat/completions"):
+    if path.endswith("chat/completions") and "messages" not in body:
         body = {"messages": [{"role": "user", "content": "hi"}], **body}
     status, _, payload = http("POST", server.url + path, body, headers=AUTH)
     assert status == 400, payload
@@ -383,3 +386,12 @@ def test_metrics_move_and_disconnects_free_blocks(server):
 
     final = wait_until(idle, 20, "aborted streams to free their requests and KV blocks")
     assert metric(final, gen) - metric(after, gen) < 24 * 200 / 2  # they were cut short, not run out
+
+
+def test_chat_message_name_is_accepted(server):
+    body = {"messages": [{"role": "user", "content": "hi", "name": "ada", "tool_calls": None}], "max_tokens": 2}
+    status, _, payload = http("POST", server.url + "/v1/chat/completions", body, headers=AUTH)
+    assert status == 200, payload
+    status, _, payload = http("POST", server.url + "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi", "name": 3}]}, headers=AUTH)
+    assert status == 400 and payload["error"]["param"] == "messages[0].name", payload

@@ -26,6 +26,8 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "s
                   "user", *_EXTRA_SAMPLING}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+# Keys of one chat message; tool calls and the like are refused rather than dropped.
+_MESSAGE_FIELDS = {"role", "content", "name"}
 _STREAM_OPTIONS = {"include_usage"}
 
 
@@ -197,6 +199,10 @@ class ChatCompletionRequest(_Request):
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise invalid(f"messages[{i}]", f"messages[{i}] must be an object", None)
+            unknown = sorted(k for k, v in message.items() if k not in _MESSAGE_FIELDS and v not in (None, [], ""))
+            if unknown:
+                raise invalid(f"messages[{i}].{unknown[0]}", f"messages[{i}].{unknown[0]} is not supported "
+                                                             f"(supported message fields: {sorted(_MESSAGE_FIELDS)})", None)
             role = get_str(message, "role", required=True)
             content = message.get("content")
             if isinstance(content, list):  # content parts: only text is supported
@@ -209,7 +215,14 @@ class ChatCompletionRequest(_Request):
             if not isinstance(content, str):
                 raise invalid(f"messages[{i}].content", f"messages[{i}].content must be a string, got "
                                                         f"{type(content).__name__}", None)
-            clean.append({"role": role, "content": content})
+            entry = {"role": role, "content": content}
+            name = message.get("name")
+            if name is not None:  # chat templates may render the speaker's name
+                if not isinstance(name, str):
+                    raise invalid(f"messages[{i}].name", f"messages[{i}].name must be a string, got "
+                                                         f"{type(name).__name__}", name)
+                entry["name"] = name
+            clean.append(entry)
         common = cls._common(body, None)
         if body.get("max_completion_tokens") is not None:
             common["max_tokens"] = get_int(body, "max_completion_tokens", None, lo=1)
