@@ -1,7 +1,9 @@
 """Type stubs for ``expertmesh._core``, the Rust core (rust/src/py.rs).
 
 Legend: N scheduled requests, T tokens computed this step, S requests that sample this step,
-MB block-table columns, E experts, k experts per token, R ranks.
+MB block-table columns, E experts, k experts per token, R ranks, El = E / R experts per rank,
+S_send / S_recv rows a rank sends / receives in one expert-parallel all-to-all, Q (row, slot)
+pairs a rank's experts compute.
 """
 
 from collections.abc import Sequence
@@ -10,7 +12,10 @@ from typing import Any, Self, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["CoreError", "Scheduler", "SchedulerOutput", "RoutingPlan", "route"]
+__all__ = [
+    "CoreError", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
+    "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
+]
 
 _IntArray = npt.NDArray[np.integer[Any]]
 
@@ -144,6 +149,115 @@ class RoutingPlan:
 def route(topk_ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], num_experts: int, num_ranks: int = 1) -> RoutingPlan:
     """Builds the routing plan for ``topk_ids`` [T, k] (int32 or int64). Raises CoreError if an
     id is outside [0, num_experts) or num_experts % num_ranks != 0. Releases the GIL."""
+
+@final
+class DispatchPlan:
+    """Shot 1 of the expert-parallel all-to-all on the sending side. A row is one (token,
+    destination rank): a token goes once to a rank even when several of its experts live there."""
+
+    @property
+    def send_token_ids(self) -> npt.NDArray[np.int64]:
+        """[S_send] token of each row, grouped by destination (rank 0 first), token order within.
+        Also the combine map: returned row i is added into token send_token_ids[i]."""
+    @property
+    def send_local_experts(self) -> npt.NDArray[np.int64]:
+        """[S_send, k] each slot's expert as a local id on the destination, -1 if it lives elsewhere."""
+    @property
+    def send_counts(self) -> npt.NDArray[np.int64]:
+        """[R] rows sent to each rank."""
+    @property
+    def send_offsets(self) -> npt.NDArray[np.int64]:
+        """[R+1] rank r's rows are send_token_ids[send_offsets[r]:send_offsets[r+1]]."""
+
+def plan_dispatch(
+    topk_ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], num_experts: int, num_ranks: int
+) -> DispatchPlan:
+    """Plans shot 1 for topk_ids [T, k]; rank r owns experts [r*E/R, (r+1)*E/R). Raises CoreError
+    for an id outside [0, num_experts) or num_experts % num_ranks != 0. Releases the GIL."""
+
+@final
+class ReceivePlan:
+    """Shot 1 on the receiving side: where each source's rows landed and the grouping by local expert."""
+
+    @property
+    def recv_offsets(self) -> npt.NDArray[np.int64]:
+        """[R+1] prefix sums of the received counts: source s's rows are [off[s], off[s+1])."""
+    @property
+    def sorted_pair_ids(self) -> npt.NDArray[np.int64]:
+        """[Q] valid pairs row * k + slot sorted by local expert (stable)."""
+    @property
+    def tokens_per_expert(self) -> npt.NDArray[np.int64]:
+        """[El] pairs per local expert."""
+    @property
+    def expert_offsets(self) -> npt.NDArray[np.int64]:
+        """[El+1] local expert e's pairs are sorted_pair_ids[off[e]:off[e+1]]."""
+
+def plan_receive(
+    recv_counts: Sequence[int] | _IntArray,
+    recv_local_experts: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    experts_per_rank: int,
+) -> ReceivePlan:
+    """Plans the receiver's side from the counts [R] every source sent and the received local
+    expert ids [S_recv, k]. Raises CoreError for a negative count, a length mismatch, an id outside
+    [-1, experts_per_rank) or a row with no valid slot. Releases the GIL."""
+
+@final
+class A2aCapacity:
+    """Worst-case sizes of the all-to-all buffers when a rank puts at most max_tokens_per_rank
+    tokens into one call (bigger steps are split into num_chunks calls)."""
+
+    def __new__(cls, *, max_tokens_per_rank: int, top_k: int, num_experts: int, num_ranks: int) -> Self:
+        """Raises CoreError if a size is < 1, experts do not split evenly or top_k > num_experts."""
+    @property
+    def max_tokens_per_rank(self) -> int: ...
+    @property
+    def experts_per_rank(self) -> int: ...
+    @property
+    def slot_rows(self) -> int:
+        """Rows one source writes into one receiver's slot per call at most (= max_tokens_per_rank)."""
+    @property
+    def max_send_rows(self) -> int:
+        """max_tokens_per_rank * min(k, R)."""
+    @property
+    def max_recv_rows(self) -> int:
+        """max_tokens_per_rank * R."""
+    @property
+    def max_recv_pairs(self) -> int:
+        """max_recv_rows * min(k, El)."""
+    def recv_buffer_bytes(self, row_bytes: int, num_phases: int) -> int:
+        """num_phases * R * slot_rows * row_bytes."""
+    def num_chunks(self, max_tokens_any_rank: int) -> int:
+        """ceil(max_tokens_any_rank / max_tokens_per_rank)."""
+    def check_send_counts(self, send_counts: Sequence[int] | _IntArray) -> None:
+        """Raises CoreError naming the rank whose count exceeds slot_rows."""
+
+@final
+class PhaseHandle:
+    """An owned claim on one buffer phase for one call; give it back with PhaseRing.release."""
+
+    @property
+    def phase(self) -> int: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def released(self) -> bool: ...
+
+@final
+class PhaseRing:
+    """Double-buffer bookkeeping: call n uses phase n % num_phases, and a phase is not handed out
+    again until the handle of the call holding it was released."""
+
+    def __new__(cls, num_phases: int = 2) -> Self: ...
+    def acquire(self) -> PhaseHandle:
+        """Claims the next call's phase. Raises CoreError if that phase is still in flight."""
+    def release(self, handle: PhaseHandle) -> None:
+        """Gives a phase back. Raises CoreError for a handle from another ring or released twice."""
+    @property
+    def num_phases(self) -> int: ...
+    @property
+    def next_seq(self) -> int: ...
+    @property
+    def num_in_flight(self) -> int: ...
 
 def _panic_for_tests(message: str) -> None:
     """Panics in Rust (GIL released); raises pyo3's PanicException. For tests only."""

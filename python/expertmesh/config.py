@@ -39,6 +39,13 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # Expert parallelism (parallel/): ranks, the transport ("auto": shared memory for CPU ranks
+    # on one host, else torch.distributed), tokens per rank per all-to-all call (None: the
+    # step's token budget; bigger steps are split) and how long a collective may wait.
+    expert_parallel_size: int = 1
+    ep_transport: str = "auto"
+    ep_max_tokens_per_rank: int | None = None
+    ep_timeout_s: float = 60.0
     show_progress: bool = True
     model_path: Path = field(init=False)
 
@@ -46,6 +53,13 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
             _positive(name, getattr(self, name))
         _positive("max_model_len", self.max_model_len, allow_none=True)
+        _positive("expert_parallel_size", self.expert_parallel_size)
+        _positive("ep_max_tokens_per_rank", self.ep_max_tokens_per_rank, allow_none=True)
+        if self.ep_transport not in ("auto", "shm", "torch"):
+            raise InvalidRequestError(
+                f"ep_transport must be 'auto', 'shm' or 'torch', got {self.ep_transport!r}",
+                param="ep_transport", value=self.ep_transport,
+            )
         _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(

@@ -25,10 +25,33 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (dtype, max_model_len, block_size,
     kv_cache_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, ...).
+
+    expert_parallel_size=R > 1 runs the model over R rank processes (this one is rank 0 and
+    starts the others; under torchrun every process is a rank, and on ranks > 0 the
+    constructor serves rank 0 until it closes, then exits the process). Call close() (or use
+    `with LLM(...) as llm:`) to stop them.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        if config.expert_parallel_size > 1:
+            from expertmesh.engine.ep_engine import EPEngine
+
+            self.engine: LLMEngine | EPEngine = EPEngine(config)
+        else:
+            self.engine = LLMEngine(config)
+
+    def close(self) -> None:
+        """Stop the expert-parallel rank processes (nothing to do with one rank)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):
@@ -91,5 +114,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stats(self) -> dict[str, int]:
-        """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free blocks)."""
-        return dict(self.engine.scheduler.stats())
+        """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free blocks)
+        of this process's engine (rank 0 under expert parallelism)."""
+        return dict(self.engine.engine.scheduler.stats() if hasattr(self.engine, "engine") else self.engine.scheduler.stats())
+
+    def expert_load(self) -> dict[str, list]:
+        """Routed tokens since load: per expert ([layers][E], all ranks' requests summed) and per
+        rank owning those experts ([layers][R]; one column without expert parallelism)."""
+        snapshot = self.engine.stats()
+        experts = snapshot["expert_tokens"]
+        ranks = snapshot.get("rank_tokens") or [[sum(layer)] for layer in experts]  # type: ignore[union-attr]
+        return {"expert_tokens": experts, "rank_tokens": ranks}  # type: ignore[dict-item]

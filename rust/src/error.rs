@@ -112,6 +112,27 @@ pub enum CoreError {
         /// Elements received.
         got: usize,
     },
+    /// `PhaseRing::acquire` found the next call's buffer phase still held by an earlier call.
+    #[error(
+        "buffer phase {phase} is still in flight (call {held_by}) and cannot be reused by call \
+         {wanted_by}; release its handle first"
+    )]
+    PhaseInFlight {
+        /// The phase asked for.
+        phase: usize,
+        /// Sequence number of the call holding it.
+        held_by: u64,
+        /// Sequence number of the call that wanted it.
+        wanted_by: u64,
+    },
+    /// `PhaseRing::release` got a handle this ring did not issue (or one already released).
+    #[error("phase handle (phase {phase}, call {seq}) was not issued by this ring or was already released")]
+    ForeignPhaseHandle {
+        /// Phase of the handle.
+        phase: usize,
+        /// Sequence number of the handle.
+        seq: u64,
+    },
     /// A previous call panicked half-way, so the object's state can no longer be trusted.
     #[error(
         "the scheduler is unusable: an earlier call panicked (internal bug); create a new one"

@@ -7,8 +7,12 @@
 //!   chunked prefill, preemption) in `schedule_step`; the batch arrays in `scheduler_output`.
 //! - [`request`]: per-request state, plain data.
 //! - [`routing`]: top-k expert choices -> expert-sorted order and per-rank send counts.
+//! - [`a2a`]: expert-parallel dispatch/combine plans; [`a2a_buffers`]: worst-case buffer
+//!   capacity and the double-buffer phase ring.
 //! - `py` (feature `python`): the PyO3 module `expertmesh._core`; the only file using pyo3.
 
+pub mod a2a;
+pub mod a2a_buffers;
 pub mod block_hash;
 pub mod block_pool;
 pub mod error;
@@ -23,6 +27,8 @@ mod scheduler_output;
 #[cfg(feature = "python")]
 mod py;
 
+pub use a2a::{plan_dispatch, plan_receive, DispatchPlan, ReceivePlan};
+pub use a2a_buffers::{A2aCapacity, PhaseHandle, PhaseRing};
 pub use block_pool::{BlockHash, BlockId, BlockPool};
 pub use error::{CoreError, CoreResult};
 pub use request::{FinishReason, Request, RequestStatus, StopConditions, TokenId};

@@ -46,6 +46,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sampler = Sampler()
+        self._expert_parallel = self.runner.expert_parallel
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}
         self._core_ids = itertools.count()
@@ -78,6 +79,19 @@ class LLMEngine:
             )
         return ids
 
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the request is valid; InvalidRequestError otherwise."""
+        prompt_ids = self.tokenize(prompt)
+        room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                f"max_model_len {self.max_model_len} (at most {room} tokens can be generated)",
+                param="max_tokens",
+                value=params.max_tokens,
+            )
+        return prompt_ids
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -87,16 +101,9 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError for anything invalid.
         A lower priority value is served first (then arrival order), as in vLLM."""
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids = self.check_request(prompt, params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise InvalidRequestError(
-                f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                f"max_model_len {self.max_model_len} (at most {room} tokens can be generated)",
-                param="max_tokens",
-                value=max_tokens,
-            )
         if request_id is None:
             request_id = str(next(self._request_counter))
         if request_id in self._requests:
@@ -170,6 +177,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that advanced."""
         batch = self.scheduler.schedule()
+        if batch.is_empty and self._expert_parallel:
+            self.runner.idle_step()  # lockstep: peers' MoE layers wait for this rank's (empty) share
         if batch.is_empty:
             if self._requests and not self.scheduler.has_unfinished():
                 raise RuntimeError("engine holds requests the scheduler no longer knows")  # a bug, never input
@@ -180,6 +189,8 @@ class LLMEngine:
             logits = self.runner.execute(batch)  # [S, V]
             sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception:
+            if self._expert_parallel:
+                raise  # peers are mid-collective with this rank: the group cannot go on
             # A failed forward pass ends the step's requests with reason "error" (their blocks
             # are freed) instead of leaving them stuck; the engine keeps serving the others.
             logger.exception("step failed; finishing its %d requests with an error", len(batch.request_ids))

@@ -11,6 +11,7 @@ import torch
 from expertmesh._core import SchedulerOutput
 from expertmesh.config import EngineConfig
 from expertmesh.layers.attention import AttentionMetadata
+from expertmesh.layers.moe import FusedMoE
 from expertmesh.models.loader import load_model
 
 
@@ -37,6 +38,22 @@ class ModelRunner:
             )
             for _ in range(self.model.num_layers)
         ]
+
+    @property
+    def expert_parallel(self) -> bool:
+        """True when MoE layers exchange tokens with other ranks (every step must join)."""
+        return any(m.ep is not None for m in self.model.modules() if isinstance(m, FusedMoE))
+
+    @torch.inference_mode()
+    def idle_step(self) -> None:
+        """A step with no tokens: under expert parallelism this rank still joins every MoE
+        layer's all-to-all (with zero rows), so ranks that do have work never wait on it."""
+        hidden = self.model.config.hidden_size
+        for moe in (m for m in self.model.modules() if isinstance(m, FusedMoE)):
+            if moe.ep is not None:
+                x = torch.empty((0, hidden), dtype=self.dtype, device=self.device)  # [0, H]
+                ids = torch.empty((0, moe.top_k), dtype=torch.long, device=self.device)  # [0, k]
+                moe.experts(x, torch.empty((0, moe.top_k), dtype=torch.float32, device=self.device), ids)
 
     def _tensor(self, array, dtype: torch.dtype) -> torch.Tensor:
         # torch.from_numpy shares the scheduler's buffer; .to() copies only when it must.

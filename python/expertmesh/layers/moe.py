@@ -6,7 +6,13 @@ later slice the E axis. The routing plan (which (token, slot) pair goes where, i
 expert-sorted order) comes from the Rust core (expertmesh._core.route), the same code
 that plans expert-parallel dispatch.
 
-Legend: T tokens, H hidden, E experts, k top-k, I expert intermediate size, P = T * k pairs.
+With expert parallelism (EP, R ranks) the layer holds only its rank's El = E / R experts
+(w_gate_up [El, 2I, H], w_down [El, H, I]) and hands the expert half to
+expertmesh.parallel.all_to_all.moe_forward, which moves tokens to the ranks owning their
+experts and back; the layer itself holds no parallelism, only the expert range it owns.
+
+Legend: T tokens, H hidden, E experts, El local experts, k top-k, I expert intermediate size,
+P = T * k pairs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch import nn
 
 from expertmesh._core import route
 from expertmesh.layers.linear import Linear
+from expertmesh.parallel.all_to_all import moe_forward
+from expertmesh.parallel.groups import get_expert_parallel
 from expertmesh_kernels import ops
 from expertmesh_kernels.moe import expert_mlp_ref
 
@@ -58,16 +66,21 @@ class FusedMoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
+        # Expert parallelism, read once when the model is built: which experts live here.
+        ep = get_expert_parallel()
+        self.ep = ep if ep is not None and ep.world_size > 1 else None
+        self.expert_start, self.expert_end = (0, num_experts) if self.ep is None else self.ep.expert_range(num_experts)
+        local = self.expert_end - self.expert_start
         self.gate = Linear(hidden_size, num_experts, dtype=dtype)  # the router
         # Tokens routed to each expert since load (MoE load). A plain array, not a buffer, so
         # it stays out of state dicts; the engine reads it for its stats.
         self.tokens_routed = np.zeros(num_experts, dtype=np.int64)  # [E]
         self.w_gate_up = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
-        )
+            torch.empty(local, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )  # [El, 2I, H]
         self.w_down = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
-        )
+            torch.empty(local, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )  # [El, H, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         router_logits = self.gate(x)  # [T, E]
@@ -77,6 +90,9 @@ class FusedMoE(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run the chosen experts and sum their outputs with the routing weights."""
         num_tokens = x.shape[0]
+        if self.ep is not None:  # every rank joins, with T = 0 too (see ModelRunner.idle_step)
+            self.tokens_routed += np.bincount(ids.flatten().cpu().numpy(), minlength=self.num_experts)
+            return moe_forward(self.ep, x, weights, ids, self.num_experts, self._local_expert_mlp)
         if ops.use_triton(x):  # fused Triton kernels: sorting, grouped GEMMs and weights on the device
             self.tokens_routed += torch.bincount(ids.flatten().long(), minlength=self.num_experts).cpu().numpy()
             return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
@@ -86,11 +102,18 @@ class FusedMoE(nn.Module):
         y = y_sorted[pair_positions].view(num_tokens, self.top_k, self.hidden_size)  # [T, k, H]
         return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
 
+    def _local_expert_mlp(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        # [Q, H] grouped by local expert, offsets [El+1] -> [Q, H]
+        return expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)
+
     @torch.no_grad()
     def load_expert_weight(self, expert: int, part: str, tensor: torch.Tensor) -> None:
         """Copy one expert's projection (part: gate_proj, up_proj or down_proj, nn.Linear layout)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert id {expert} is out of range: the layer has {self.num_experts} experts")
+        if not self.expert_start <= expert < self.expert_end:
+            return  # another rank's expert (EP): this rank never reads it
+        expert -= self.expert_start
         inter = self.intermediate_size
         targets = {
             "gate_proj": self.w_gate_up[expert, :inter],
@@ -107,10 +130,13 @@ class FusedMoE(nn.Module):
         target = {"gate_up_proj": self.w_gate_up, "down_proj": self.w_down}.get(name)
         if target is None:
             raise ValueError(f"unknown fused expert weight {name!r}; expected gate_up_proj or down_proj")
-        _copy_checked(target, tensor, f"experts.{name}")
+        if tensor.shape[0] != self.num_experts:
+            raise ValueError(f"weight experts.{name} has {tensor.shape[0]} experts, expected {self.num_experts}")
+        _copy_checked(target, tensor[self.expert_start : self.expert_end], f"experts.{name}")
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+        local = "" if self.ep is None else f", local_experts=[{self.expert_start}, {self.expert_end})"
+        return (f"experts={self.num_experts}{local}, top_k={self.top_k}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, renormalize={self.renormalize}")
 
 

@@ -1,0 +1,133 @@
+"""Expert parallelism's two-shot all-to-all: dispatch (shot 1) and combine (shot 2).
+
+The MoE layer calls `moe_forward(ep, x, weights, ids, num_experts, expert_fn)`; with EP off it
+never comes here. Plans come from the Rust core (plan_dispatch, plan_receive, A2aCapacity);
+rows move through `ep.transport` (transport.py, shm.py).
+
+Per call (at most max_tokens_per_rank tokens from every rank; bigger steps are split into
+chunks, and every rank runs the same number of chunks, an idle rank with zero tokens):
+  dispatch: rows (token, destination) with the hidden state, the k slots' local expert ids
+            (-1 = elsewhere) and the routing weights go to the ranks owning the experts.
+  experts:  the receiver groups (row, slot) pairs by local expert, runs the expert MLPs and
+            sums each row's slots with their weights in slot order (fp32).
+  combine:  the partial sums return along the same rows; the source adds them per token in
+            rank order. For top-2 that is the single-rank order of additions; the expert GEMMs
+            see other batches than on one rank, so results agree to fp32 rounding.
+
+Legend: T tokens, H hidden, k top-k, E experts, El experts per rank, R ranks, S rows sent,
+S' rows received, Q valid (row, slot) pairs received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from expertmesh._core import A2aCapacity, plan_dispatch, plan_receive
+from expertmesh.parallel.transport import Transport
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [Q, H], offsets [El+1]) -> [Q, H]
+
+
+@dataclass
+class ExpertParallel:
+    """One rank's expert-parallel state, shared by all its MoE layers."""
+
+    rank: int
+    world_size: int
+    transport: Transport
+    max_tokens_per_rank: int
+    _capacity: dict[tuple[int, int], A2aCapacity] = field(default_factory=dict)
+
+    def expert_range(self, num_experts: int) -> tuple[int, int]:
+        """[lo, hi) of the experts this rank owns."""
+        if num_experts % self.world_size:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be a multiple of expert_parallel_size ({self.world_size})"
+            )
+        per_rank = num_experts // self.world_size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def capacity(self, top_k: int, num_experts: int) -> A2aCapacity:
+        key = (top_k, num_experts)
+        if key not in self._capacity:
+            self._capacity[key] = A2aCapacity(max_tokens_per_rank=self.max_tokens_per_rank, top_k=top_k,
+                                              num_experts=num_experts, num_ranks=self.world_size)
+        return self._capacity[key]
+
+
+@dataclass
+class Dispatched:
+    """What a rank received in shot 1, and what combine needs to send it back."""
+
+    x: torch.Tensor  # [S', H] received hidden states
+    local_experts: torch.Tensor  # [S', k] int64 local expert ids, -1 = not for this rank
+    weights: torch.Tensor  # [S', k] fp32 routing weights
+    recv_counts: list[int]  # [R] rows from each source
+    send_counts: list[int]  # [R] rows this rank sent to each destination
+    send_token_ids: torch.Tensor  # [S] token of each sent row (the combine map)
+
+
+def dispatch(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+             num_experts: int) -> Dispatched:
+    """Shot 1 for at most max_tokens_per_rank tokens: x [T, H], weights/ids [T, k]."""
+    plan = plan_dispatch(ids.to(torch.int32).cpu().numpy(), num_experts, ep.world_size)
+    ep.capacity(ids.shape[1], num_experts).check_send_counts(plan.send_counts)
+    send_token_ids = torch.from_numpy(plan.send_token_ids).to(x.device)  # [S]
+    local = torch.from_numpy(plan.send_local_experts).to(x.device)  # [S, k]
+    rows_x = x[send_token_ids]  # [S, H]
+    rows_w = weights.float()[send_token_ids]  # [S, k]
+    send_counts = plan.send_counts.tolist()
+    (rx, rl, rw), recv_counts = ep.transport.exchange([rows_x, local, rows_w], send_counts)
+    return Dispatched(rx, rl, rw, recv_counts, send_counts, send_token_ids)
+
+
+def run_local_experts(ep: ExpertParallel, d: Dispatched, expert_fn: ExpertFn, num_experts: int) -> torch.Tensor:
+    """Expert MLPs over the received rows; returns per-row weighted sums [S', H] fp32."""
+    rows, k = d.local_experts.shape
+    hidden = d.x.shape[1]
+    if rows == 0:
+        return torch.zeros((0, hidden), dtype=torch.float32, device=d.x.device)
+    per_rank = num_experts // ep.world_size
+    rp = plan_receive(d.recv_counts, d.local_experts.cpu().numpy(), per_rank)
+    pairs = torch.from_numpy(rp.sorted_pair_ids).to(d.x.device)  # [Q] row * k + slot
+    offsets = torch.from_numpy(rp.expert_offsets).to(d.x.device)  # [El+1]
+    y = expert_fn(d.x[pairs // k], offsets)  # [Q, H]
+    slots = torch.zeros((rows * k, hidden), dtype=torch.float32, device=d.x.device)  # [S'*k, H]
+    slots[pairs] = y.float() * d.weights.reshape(-1)[pairs].unsqueeze(-1)
+    # Sum in slot order with zeros for other ranks' slots: the single-rank order of operations.
+    return slots.view(rows, k, hidden).sum(dim=1)  # [S', H]
+
+
+def combine(ep: ExpertParallel, d: Dispatched, partial: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Shot 2: send partial sums [S', H] back; returns the per-token sum [T, H] fp32."""
+    (back,), _ = ep.transport.exchange([partial], d.recv_counts, recv_counts=d.send_counts)  # [S, H]
+    out = torch.zeros((num_tokens, partial.shape[1]), dtype=torch.float32, device=partial.device)
+    return out.index_add_(0, d.send_token_ids, back)
+
+
+def moe_forward(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                num_experts: int, expert_fn: ExpertFn) -> torch.Tensor:
+    """The expert half of an MoE layer across ranks: x [T, H] -> [T, H] in x's dtype.
+
+    Every rank of the group must call this for the same layers in the same order, T = 0 included.
+    """
+    num_tokens, top_k = ids.shape
+    cap = ep.capacity(top_k, num_experts)
+    chunk = cap.max_tokens_per_rank
+    num_chunks = cap.num_chunks(ep.transport.all_max(num_tokens))  # every rank runs this many calls
+    out = torch.empty((num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
+    for c in range(num_chunks):
+        lo, hi = min(c * chunk, num_tokens), min((c + 1) * chunk, num_tokens)  # may be empty here
+        d = dispatch(ep, x[lo:hi], weights[lo:hi], ids[lo:hi], num_experts)
+        partial = run_local_experts(ep, d, expert_fn, num_experts)
+        out[lo:hi] = combine(ep, d, partial, hi - lo).to(x.dtype)
+    return out
+
+
+def tokens_per_rank(tokens_per_expert: np.ndarray, world_size: int) -> np.ndarray:
+    """[E] routed tokens per expert -> [R] per owning rank (load imbalance at a glance)."""
+    return tokens_per_expert.reshape(world_size, -1).sum(axis=1)
