@@ -1,4 +1,5 @@
-"""The `expertmesh` command: `expertmesh serve ...` (the HTTP server) and `expertmesh generate ...`."""
+"""The `expertmesh` command: `expertmesh serve ...` (the HTTP server), `expertmesh generate ...` and
+`expertmesh bench serve|offline ...` (benchmarks, expertmesh/bench/)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,16 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.model, **_engine_kwargs(args))
+    ep = dict(expert_parallel_size=args.ep, ep_transport=args.ep_transport,
+              ep_max_tokens_per_rank=args.ep_max_tokens_per_rank)
+    llm = LLM(args.model, **_engine_kwargs(args), **ep)
+    try:
+        return _run_generate(llm, args, params)
+    finally:
+        llm.close()
+
+
+def _run_generate(llm, args: argparse.Namespace, params) -> int:
     prompts = args.prompt or DEFAULT_PROMPTS
     start = time.perf_counter()
     if args.chat:
@@ -83,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate completions offline, in this process")
     _add_engine_args(gen)
+    par = gen.add_argument_group("expert parallelism")
+    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (starts the rank processes itself)")
+    par.add_argument("--ep-transport", default="auto", choices=["auto", "shm", "torch"],
+                     help="auto: shared memory for CPU ranks on one host, else torch.distributed")
+    par.add_argument("--ep-max-tokens-per-rank", type=int, default=None,
+                     help="tokens per rank per all-to-all call (bigger steps are split)")
     s = gen.add_argument_group("sampling")
     s.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
@@ -95,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="a stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_generate)
+    from expertmesh.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
