@@ -126,3 +126,13 @@ def test_dead_rank_fails_cleanly(mixtral_dir):
         assert time.monotonic() - start < 20
     finally:
         llm.close()
+
+
+def test_idle_longer_than_the_collective_timeout_keeps_the_ranks_alive(mixtral_dir):
+    # Worker ranks wait for rank 0's next command without a deadline: an engine left idle (a
+    # quiet server, a pause between generate() calls) must not lose its ranks.
+    with LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2, ep_timeout_s=2) as llm:
+        first = _run(llm, [[5, 6, 7], [8, 9, 10]])
+        time.sleep(4)
+        assert all(proc.poll() is None for proc in llm.engine.procs)
+        assert _run(llm, [[5, 6, 7], [8, 9, 10]]) == first

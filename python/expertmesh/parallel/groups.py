@@ -53,6 +53,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CONTROL_TIMEOUT_S = 7 * 24 * 3600
+
+
 @dataclass
 class Groups:
     """The groups one rank uses: `data` carries tensors, `control` carries Python objects."""
@@ -76,7 +79,10 @@ def init_groups(info: RankInfo, device: torch.device, timeout_s: float) -> Group
     )
     world = dist.group.WORLD
     assert world is not None
-    control = world if backend == "gloo" else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    # Workers wait on the control group for rank 0's next command however long the engine stays
+    # idle, so it gets no practical timeout; a dead peer still fails it at once (its sockets close).
+    # The data group keeps timeout_s, so a stuck all-to-all fails instead of hanging.
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
     hosts: list[str | None] = [None] * info.world_size
     dist.all_gather_object(hosts, socket.gethostname(), group=control)
     return Groups(info.rank, info.world_size, world, control, same_host=len(set(hosts)) == 1)
