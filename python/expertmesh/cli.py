@@ -22,6 +22,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
+    par = parser.add_argument_group("expert parallelism")
+    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (starts the rank processes itself)")
+    par.add_argument("--ep-transport", default="auto", choices=["auto", "shm", "torch"],
+                     help="auto: shared memory for CPU ranks on one host, else torch.distributed")
+    par.add_argument("--ep-max-tokens-per-rank", type=int, default=None,
+                     help="tokens per rank per all-to-all call (bigger steps are split)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -33,6 +39,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        expert_parallel_size=args.ep,
+        ep_transport=args.ep_transport,
+        ep_max_tokens_per_rank=args.ep_max_tokens_per_rank,
     )
 
 
@@ -49,9 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
     )
-    ep = dict(expert_parallel_size=args.ep, ep_transport=args.ep_transport,
-              ep_max_tokens_per_rank=args.ep_max_tokens_per_rank)
-    llm = LLM(args.model, **_engine_kwargs(args), **ep)
+    llm = LLM(args.model, **_engine_kwargs(args))
     try:
         return _run_generate(llm, args, params)
     finally:
@@ -93,12 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate completions offline, in this process")
     _add_engine_args(gen)
-    par = gen.add_argument_group("expert parallelism")
-    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (starts the rank processes itself)")
-    par.add_argument("--ep-transport", default="auto", choices=["auto", "shm", "torch"],
-                     help="auto: shared memory for CPU ranks on one host, else torch.distributed")
-    par.add_argument("--ep-max-tokens-per-rank", type=int, default=None,
-                     help="tokens per rank per all-to-all call (bigger steps are split)")
     s = gen.add_argument_group("sampling")
     s.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")

@@ -116,6 +116,15 @@ class EPEngine:
         self._next_id = 0
         self._closed = False
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def runner(self):
+        """Rank 0's model runner (vocabulary, KV blocks per rank)."""
+        return self.engine.runner
+
     # ---- requests ----------------------------------------------------------------------
 
     def pick_rank(self, prompt_ids: list[int]) -> int:

@@ -155,10 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     try:
         from expertmesh.config import EngineConfig
-        from expertmesh.engine.llm_engine import LLMEngine
 
         config = EngineConfig(**json.loads(args.config))
-        engine = LLMEngine(config)
+        if config.expert_parallel_size > 1:  # this process becomes rank 0 and starts the others
+            from expertmesh.engine.ep_engine import EPEngine
+
+            engine = EPEngine(config)
+        else:
+            from expertmesh.engine.llm_engine import LLMEngine
+
+            engine = LLMEngine(config)
     except Exception as exc:  # noqa: BLE001 - reported to the frontend, which exits with it
         sock.sendall(encode({"type": "fatal", "message": f"engine failed to start: {exc}"}))
         return 1
@@ -176,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop = EngineLoop(engine, sock)
     try:
-        loop.run()
+        try:
+            loop.run()
+        finally:
+            close = getattr(engine, "close", None)  # EPEngine: stop the other ranks
+            if close is not None:
+                close()
     except (LinkClosed, BrokenPipeError, ConnectionResetError):
         return 0
     except Exception:  # noqa: BLE001 - a bug in a step: tell the frontend, which fails in-flight requests

@@ -57,6 +57,15 @@ class _EngineCollector:
             for expert, n in enumerate(counts):
                 experts.add_metric([self._model, str(layer), str(expert)], n)
         yield experts
+        if "rank_tokens" not in s:  # expert parallelism is off
+            return
+        ranks = CounterMetricFamily("expertmesh:rank_tokens",
+                                    "Expert-parallel: (token, expert) pairs routed to each rank's experts.",
+                                    labels=["model_name", "layer", "rank"])
+        for layer, counts in enumerate(s.get("rank_tokens", [])):
+            for rank, n in enumerate(counts):
+                ranks.add_metric([self._model, str(layer), str(rank)], n)
+        yield ranks
 
 
 class ServerMetrics:

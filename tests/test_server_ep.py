@@ -1,0 +1,58 @@
+"""`expertmesh serve --ep 2`: the server's engine process becomes rank 0 of two expert-parallel
+ranks; answers equal a single-rank server's, /metrics shows per-rank load, and stopping the
+server stops every rank."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+from server_util import ServerProcess, http, wait_until
+
+PROMPTS = ["The experts of a mixture", "Hello, world! How are you today?", "one, two, three"]
+
+
+def _greedy_texts(url: str) -> list[str]:
+    texts = []
+    for prompt in PROMPTS:
+        status, _, body = http("POST", url + "/v1/completions",
+                               {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        texts.append(body["choices"][0]["text"])
+    return texts
+
+
+def _rank_pids(engine_pid: int) -> list[int]:
+    """Worker rank processes started by the engine process (its children)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == engine_pid:
+                children.append(int(entry))
+    return children
+
+
+def test_serve_ep2_equals_single_rank_and_reports_rank_load(tmp_path):
+    single = ServerProcess(["--kv-cache-blocks", "256"], tmp_path / "single.log")
+    try:
+        want = _greedy_texts(single.url)
+    finally:
+        single.stop()
+    ep = ServerProcess(["--kv-cache-blocks", "256", "--ep", "2"], tmp_path / "ep.log")
+    try:
+        workers = _rank_pids(ep.engine_pid)
+        assert workers, ep.log()
+        assert _greedy_texts(ep.url) == want
+        metrics = urllib.request.urlopen(ep.url + "/metrics", timeout=30).read().decode()
+        rank_lines = [line for line in metrics.splitlines() if line.startswith("expertmesh:rank_tokens_total{")]
+        assert {'rank="0"' in line for line in rank_lines} == {True, False}, rank_lines
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in rank_lines) > 0
+    finally:
+        assert ep.stop() == 0, ep.log()
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
+                               open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                               for pid in workers), 20, "the worker ranks to exit")
