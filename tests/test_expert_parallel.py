@@ -5,7 +5,10 @@ including an idle rank, ranks without tokens, steps split into chunks and a dyin
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from ep_util import run_ranks
 from ep_workers import exchange_both, moe_both
 from expertmesh import LLM, SamplingParams
 from expertmesh._core import A2aCapacity, CoreError, PhaseRing, plan_dispatch, plan_receive
-from expertmesh.parallel.groups import CollectiveError
+from expertmesh.parallel.groups import CollectiveError, free_port
 
 
 def test_plans_through_the_bindings():
@@ -136,3 +139,20 @@ def test_idle_longer_than_the_collective_timeout_keeps_the_ranks_alive(mixtral_d
         time.sleep(4)
         assert all(proc.poll() is None for proc in llm.engine.procs)
         assert _run(llm, [[5, 6, 7], [8, 9, 10]]) == first
+
+
+def test_torchrun_launch_equals_single_rank(mixtral_dir, tmp_path):
+    # Under torchrun every process runs the CLI; ranks form their groups from the env://
+    # variables and only rank 0 prints.
+    def generate(prefix: list[str], ep: int) -> str:
+        argv = [*prefix, "-m", "expertmesh.cli", "generate", "--model", str(mixtral_dir), "--prompt", "The experts",
+                "--max-tokens", "6", "--ignore-eos", "--max-model-len", "256", "--kv-cache-blocks", "64",
+                "--ep", str(ep)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [line for line in proc.stdout.splitlines() if line.startswith("output[")][0]
+
+    single = generate([sys.executable], 1)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launched = generate([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port())], 2)
+    assert launched == single
