@@ -60,7 +60,8 @@ pub fn experts_per_rank(num_experts: usize, num_ranks: usize) -> CoreResult<usiz
     Ok(num_experts / num_ranks)
 }
 
-fn prefix_sums(counts: &[i64]) -> Vec<i64> {
+/// `[n+1]` exclusive prefix sums of `counts`.
+pub(crate) fn prefix_sums(counts: &[i64]) -> Vec<i64> {
     let mut out = Vec::with_capacity(counts.len() + 1);
     out.push(0i64);
     for &c in counts {

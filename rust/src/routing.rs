@@ -5,7 +5,8 @@
 //! Legend: T tokens, k experts per token, E experts, R ranks. A "pair" is one (token, slot)
 //! entry of `topk_ids`, with flat id `p = token * k + slot`.
 
-use crate::error::{check_at_least, CoreError, CoreResult};
+use crate::a2a::{experts_per_rank, prefix_sums};
+use crate::error::{CoreError, CoreResult};
 
 /// Where every (token, slot) pair goes. All arrays are int64 so they index torch tensors as-is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,14 +35,7 @@ pub fn route<I: Copy + Into<i64>>(
     num_experts: usize,
     num_ranks: usize,
 ) -> CoreResult<RoutingPlan> {
-    check_at_least("num_experts", num_experts as i128, 1)?;
-    check_at_least("num_ranks", num_ranks as i128, 1)?;
-    if num_experts % num_ranks != 0 {
-        return Err(CoreError::UnevenExperts {
-            num_experts,
-            num_ranks,
-        });
-    }
+    let experts_per_rank = experts_per_rank(num_experts, num_ranks)?;
     let num_pairs = num_tokens * top_k;
     if topk_ids.len() != num_pairs {
         return Err(CoreError::LengthMismatch {
@@ -65,11 +59,7 @@ pub fn route<I: Copy + Into<i64>>(
         }
         tokens_per_expert[e as usize] += 1;
     }
-    let mut expert_offsets = Vec::with_capacity(num_experts + 1);
-    expert_offsets.push(0i64);
-    for &c in &tokens_per_expert {
-        expert_offsets.push(expert_offsets.last().unwrap() + c);
-    }
+    let expert_offsets = prefix_sums(&tokens_per_expert);
 
     // Stable counting sort: scanning pairs in order keeps token order within an expert.
     let mut cursor = expert_offsets[..num_experts].to_vec();
@@ -84,7 +74,6 @@ pub fn route<I: Copy + Into<i64>>(
     }
 
     // Per-rank distinct tokens: `last_token[r]` remembers the last token counted for rank r.
-    let experts_per_rank = num_experts / num_ranks;
     let mut rank_send_counts = vec![0i64; num_ranks];
     let mut last_token = vec![usize::MAX; num_ranks];
     for (p, &id) in topk_ids.iter().enumerate() {

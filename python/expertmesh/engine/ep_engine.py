@@ -214,16 +214,8 @@ class EPEngine:
                 self._forget(out.request_id)
         return outputs
 
-    def run_to_completion(self, request_ids: list[str], on_finish=None) -> dict[str, RequestOutput]:
-        wanted = set(request_ids)
-        done: dict[str, RequestOutput] = {}
-        while wanted - done.keys():
-            for out in self.step():
-                if out.finished and out.request_id in wanted:
-                    done[out.request_id] = out
-                    if on_finish is not None:
-                        on_finish(out)
-        return done
+    # The same loop as one rank's: it only calls self.step().
+    run_to_completion = LLMEngine.run_to_completion
 
     # ---- observability -----------------------------------------------------------------
 
