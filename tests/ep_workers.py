@@ -28,8 +28,13 @@ def exchange_both(rank, world, groups):
                 counts = [0] * world  # an idle rank sends nothing
             x = torch.randn(sum(counts), 3, generator=g)
             ids = torch.arange(sum(counts)) + 100 * rank
-            (rx, rid), rc = tr.exchange([x, ids], counts)
-            results.append((rx, rid, rc))
+            if trial == 2:  # rows gathered by the transport from a bigger tensor
+                base = torch.randn(sum(counts) + 3, 3, generator=g)
+                (rx, rid), rc = tr.exchange([base, ids], counts, gather=[torch.arange(sum(counts)).flip(0) + 2, None])
+            else:
+                (rx, rid), rc = tr.exchange([x, ids], counts)
+            # Received tensors may be views of the transport's buffers, valid for two calls: keep copies.
+            results.append((rx.clone(), rid.clone(), rc))
         results.append(tr.all_max(rank * 3))
         if tr.name == "shm":
             try:

@@ -41,6 +41,7 @@ class ExpertParallel:
     transport: Transport
     max_tokens_per_rank: int
     _capacity: dict[tuple[int, int], A2aCapacity] = field(default_factory=dict)
+    _combine_out: torch.Tensor | None = None  # [T, H] fp32, see combine_buffer
 
     def expert_range(self, num_experts: int) -> tuple[int, int]:
         """[lo, hi) of the experts this rank owns."""
@@ -50,6 +51,16 @@ class ExpertParallel:
             )
         per_rank = num_experts // self.world_size
         return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def combine_buffer(self, num_tokens: int, hidden: int, device: torch.device) -> torch.Tensor:
+        """Zeroed [T, H] fp32 view of a buffer reused by every combine (valid until the next one).
+
+        A fresh multi-MB tensor per call costs page faults every time (glibc maps big blocks
+        anew), several times the cost of zeroing warm memory."""
+        buf = self._combine_out
+        if buf is None or buf.device != device or buf.shape[1] != hidden or buf.shape[0] < num_tokens:
+            buf = self._combine_out = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device)
+        return buf[:num_tokens].zero_()
 
     def capacity(self, top_k: int, num_experts: int) -> A2aCapacity:
         key = (top_k, num_experts)
@@ -78,10 +89,12 @@ def dispatch(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: to
     ep.capacity(ids.shape[1], num_experts).check_send_counts(plan.send_counts)
     send_token_ids = torch.from_numpy(plan.send_token_ids).to(x.device)  # [S]
     local = torch.from_numpy(plan.send_local_experts).to(x.device)  # [S, k]
-    rows_x = x[send_token_ids]  # [S, H]
-    rows_w = weights.float()[send_token_ids]  # [S, k]
     send_counts = plan.send_counts.tolist()
-    (rx, rl, rw), recv_counts = ep.transport.exchange([rows_x, local, rows_w], send_counts)
+    # The transport gathers the sent rows itself (shared memory: straight into the peer's slot),
+    # so the [S, H] hidden states are never materialised here.
+    (rx, rl, rw), recv_counts = ep.transport.exchange(
+        [x, local, weights.float()], send_counts, gather=[send_token_ids, None, send_token_ids]
+    )  # [S', H], [S', k], [S', k]
     return Dispatched(rx, rl, rw, recv_counts, send_counts, send_token_ids)
 
 
@@ -103,9 +116,10 @@ def run_local_experts(ep: ExpertParallel, d: Dispatched, expert_fn: ExpertFn, nu
 
 
 def combine(ep: ExpertParallel, d: Dispatched, partial: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Shot 2: send partial sums [S', H] back; returns the per-token sum [T, H] fp32."""
+    """Shot 2: send partial sums [S', H] back; returns the per-token sum [T, H] fp32, a view of a
+    buffer the next combine on `ep` overwrites (moe_forward copies it out at once)."""
     (back,), _ = ep.transport.exchange([partial], d.recv_counts, recv_counts=d.send_counts)  # [S, H]
-    out = torch.zeros((num_tokens, partial.shape[1]), dtype=torch.float32, device=partial.device)
+    out = ep.combine_buffer(num_tokens, partial.shape[1], partial.device)  # [T, H] zeroed
     return out.index_add_(0, d.send_token_ids, back)
 
 

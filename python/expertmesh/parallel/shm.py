@@ -9,12 +9,22 @@ unlinked so nothing leaks even if a process is killed). Layout of rank d's segme
     data   uint8 [P, R, C, Wmax]  receive slots: phase p, source s, C rows of Wmax bytes
 
 A call: take the next phase from the Rust PhaseRing, write rows straight into every peer's
-slot [p, me] (no staging copy on the sender), store the count, then the flag; wait until all
-R flags of my slot p read seq + 1, copy the rows out, release the phase. Flags carry the
-sequence number, so a stale flag from two calls ago never matches. Two phases are enough: a
-peer can only write call n+2 into my phase p after call n+1 completed everywhere, which needs
-my call n+1 write, which I make only after I copied call n out. Stores become visible in
-program order on x86 (TSO); other CPUs would need fences here (not done: x86 only).
+slot [p, me] (gathered there by index_select when the caller passes a gather index: no staging
+copy on the sender), store the count, then the flag; wait until all R flags of my slot p read
+seq + 1, copy the rows out (rows to myself never touch the slot: they go from the input straight
+to the output), release the phase. Flags carry the sequence number, so a stale flag from two
+calls ago never matches. Two phases are enough: a peer can only write call n+2 into my phase p
+after call n+1 completed everywhere, which needs my call n+1 write, which I make only after I
+copied call n out. Stores become visible in program order on x86 (TSO); other CPUs would need
+fences here (not done: x86 only).
+
+The copy out goes into receive buffers this rank keeps per phase (reused, since fresh multi-MB
+tensors cost page faults on every call), and the returned tensors are views of them. Only a call
+with the same phase, two calls later, writes a buffer again, so a result stays valid through
+the next call, which may take it as input (combine sends back what dispatch received).
+Returning views of the shared slot itself would spare that copy, but a peer may overwrite the
+slot as soon as this rank's next call has written its flags, and rows from different sources
+are not contiguous there.
 
 A peer that dies leaves its flag unset: the wait checks peers' pids and raises CollectiveError
 within about a second, and gives up after `timeout_s` in any case, so nothing hangs.
@@ -28,6 +38,7 @@ import mmap
 import os
 import time
 import uuid
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -60,10 +71,31 @@ class _Segment:
         self.data = np.frombuffer(buf, dtype=np.uint8, offset=header * 8).reshape(
             _NUM_PHASES, world, slot_rows, max_row_bytes
         )  # [P, R, C, Wmax]
+        self.tdata = torch.from_numpy(self.data)  # the same bytes as a torch view, for copy_/index_select
 
     @staticmethod
     def nbytes(world: int, slot_rows: int, max_row_bytes: int) -> int:
         return (world + 2 * _NUM_PHASES * world) * 8 + _NUM_PHASES * world * slot_rows * max_row_bytes
+
+
+def _columns(slot: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """[n, Wmax] slot rows -> one [n, W_i] column view per tensor (tensors sit side by side)."""
+    cols, col = [], 0
+    for w in widths:
+        cols.append(slot[:, col : col + w])
+        col += w
+    return cols
+
+
+def _put(dests: list[torch.Tensor], raws: list[torch.Tensor], index: list[torch.Tensor | None] | None,
+         lo: int, hi: int) -> None:
+    """dests[i] [hi - lo, W_i] <- sent rows lo:hi of tensor i, gathered through index[i] if given."""
+    for i, (dst, raw) in enumerate(zip(dests, raws)):
+        ix = index[i] if index is not None else None
+        if ix is None:
+            dst.copy_(raw[lo:hi])
+        else:
+            torch.index_select(raw, 0, ix[lo:hi], out=dst)  # writes into the (strided) view in place
 
 
 class ShmTransport(Transport):
@@ -93,14 +125,16 @@ class ShmTransport(Transport):
         dist.barrier(group=group)  # everyone mapped everything: the files can go
         os.unlink(paths[rank])
         self._pids = self._segs[rank].pids.copy()
+        self._recv: dict[tuple[int, int, int], torch.Tensor] = {}  # receive buffers, see _recv_buffer
         self._closed = False
 
     def exchange_counts(self, values: list[int]) -> list[int]:
-        _, counts = self._call([], list(values))
+        _, counts = self._call([], [], list(values))
         return counts
 
-    def exchange(self, tensors, send_counts, recv_counts=None):
-        raws = [as_bytes(t) for t in tensors]  # [S, W_i] uint8 views, no copy for contiguous input
+    def exchange(self, tensors, send_counts, recv_counts=None, gather=None):
+        raws = [as_bytes(t) for t in tensors]  # [S_i, W_i] uint8 views, no copy for contiguous input
+        index = list(gather) if gather is not None else [None] * len(tensors)  # [S] int64 or None each
         total = sum(row_bytes(t) for t in tensors)
         if total > self.max_row_bytes:
             raise ValueError(f"rows of {total} bytes exceed the registered max_row_bytes={self.max_row_bytes}")
@@ -109,41 +143,56 @@ class ShmTransport(Transport):
                 f"rows sent to one rank must be <= slot_rows={self.slot_rows}, got {max(send_counts)}; "
                 "the caller splits bigger steps into chunks"
             )
-        received, counts = self._call(raws, list(send_counts))
+        received, counts = self._call(raws, index, list(send_counts))
         return [from_bytes(r, t) for r, t in zip(received, tensors)], counts
 
-    def _call(self, raws: list[torch.Tensor], send_counts: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+    def _call(self, raws: list[torch.Tensor], index: list[torch.Tensor | None],
+              send_counts: list[int]) -> tuple[list[torch.Tensor], list[int]]:
         if self._closed:
             raise CollectiveError("the shared-memory transport is closed")
         handle = self._ring.acquire()
         p, flag = handle.phase, handle.seq + 1
         me, world = self.rank, self.world_size
         widths = [r.shape[1] for r in raws]
-        offsets = np.cumsum([0, *send_counts])
-        for step in range(world):  # start with the next rank so writers spread over receivers
-            dest = (me + 1 + step) % world
-            lo, hi = int(offsets[dest]), int(offsets[dest + 1])
+        offsets = list(accumulate(send_counts, initial=0))  # [R+1] first sent row per destination
+        for step in range(1, world):  # peers only, starting with the next rank so writers spread
+            dest = (me + step) % world
+            lo, hi = offsets[dest], offsets[dest + 1]
             seg = self._segs[dest]
             if hi > lo:
-                slot = seg.data[p, me, : hi - lo]  # [n, Wmax] in the peer's memory
-                col = 0
-                for raw, w in zip(raws, widths):
-                    slot[:, col : col + w] = raw[lo:hi].numpy()
-                    col += w
-            seg.counts[p, me] = send_counts[dest]
+                slot = seg.tdata[p, me, : hi - lo]  # [n, Wmax] in the peer's memory
+                _put(_columns(slot, widths), raws, index, lo, hi)  # gather + write in one pass
+            seg.counts[p, me] = hi - lo
             seg.flags[p, me] = flag  # after the rows and the count: publishes them
         mine = self._segs[me]
+        mine.counts[p, me] = send_counts[me]  # my rows to myself skip the slot: copied below
+        mine.flags[p, me] = flag
         self._wait(mine.flags[p], flag, handle.seq)
         counts = mine.counts[p].tolist()
-        out = []
-        col = 0
-        for w in widths:  # copy out before the phase is released (see the module comment)
-            rows = [mine.data[p, s, :n, col : col + w] for s, n in enumerate(counts) if n]
-            merged = np.concatenate(rows) if rows else np.empty((0, w), dtype=np.uint8)
-            out.append(torch.from_numpy(merged))
-            col += w
+        rows = sum(counts)
+        outs = [self._recv_buffer(p, i, w, rows) for i, w in enumerate(widths)]  # [S', W_i] each
+        row = 0
+        for src, n in enumerate(counts):  # copy out before the phase is released (module comment)
+            if src == me:
+                lo = offsets[me]
+                _put([o[row : row + n] for o in outs], raws, index, lo, lo + n)
+            elif n:
+                _put([o[row : row + n] for o in outs], _columns(mine.tdata[p, src, :n], widths), None, 0, n)
+            row += n
         self._ring.release(handle)
-        return out, counts
+        return outs, counts
+
+    def _recv_buffer(self, phase: int, i: int, width: int, rows: int) -> torch.Tensor:
+        """[rows, width] uint8 view of a buffer this rank keeps per (phase, tensor, width).
+
+        Reused, not reallocated: a fresh multi-MB tensor per call costs more in page faults than
+        the copy into it. Calls alternate phases, so the buffer a call returns views of is next
+        written two calls later: the contract in Transport.exchange."""
+        key = (phase, i, width)
+        buf = self._recv.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._recv[key] = torch.empty((rows, width), dtype=torch.uint8)
+        return buf[:rows]
 
     def _wait(self, flags: np.ndarray, want: int, seq: int) -> None:
         if (flags == want).all():
@@ -153,8 +202,10 @@ class ShmTransport(Transport):
         spins = 0
         while not (flags == want).all():
             spins += 1
-            if spins > 64:
-                os.sched_yield() if spins < 4096 else time.sleep(50e-6)  # spin, then yield, then nap
+            if spins > 16:  # a short spin catches a peer that is mid-write on another core; then
+                # yield, so with more ranks than cores the peer we wait for gets the core (measured:
+                # yielding after 16 spins instead of 64 halves R=4 decode on 2 cores); nap when idle long
+                os.sched_yield() if spins < 4096 else time.sleep(50e-6)
             now = time.monotonic()
             if now - last_check > 0.5:
                 last_check = now
@@ -175,6 +226,7 @@ class ShmTransport(Transport):
     def close(self) -> None:
         self._closed = True
         self._segs = []
+        self._recv = {}
         for m in self._maps:
             try:
                 m.close()

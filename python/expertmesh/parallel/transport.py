@@ -34,11 +34,19 @@ class Transport(ABC):
 
     @abstractmethod
     def exchange(
-        self, tensors: list[torch.Tensor], send_counts: list[int], recv_counts: list[int] | None = None
+        self, tensors: list[torch.Tensor], send_counts: list[int], recv_counts: list[int] | None = None,
+        gather: list[torch.Tensor | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[int]]:
         """Move row-aligned tensors [S, ...] (rows grouped by destination per send_counts).
         Returns the received tensors [S', ...] grouped by source, and recv_counts [R]. Pass
-        recv_counts when already known (combine) to skip the count exchange."""
+        recv_counts when already known (combine) to skip the count exchange.
+
+        gather[i], when given, is an int64 index [S]: sent row j of tensor i is tensors[i][gather[i][j]]
+        (tensors[i] may then have any number of rows). The transport gathers straight into its send
+        path, so dispatch needs no gathered copy of the hidden states.
+
+        The received tensors may be views of transport-owned buffers (ShmTransport): they stay
+        valid until two calls later on the same transport; clone them to keep them longer."""
 
     def all_max(self, value: int) -> int:
         """The largest `value` over all ranks (the chunk count every rank must agree on)."""
@@ -59,6 +67,13 @@ def row_bytes(t: torch.Tensor) -> int:
     for d in t.shape[1:]:
         width *= d
     return width * t.element_size()
+
+
+def gathered(tensors: list[torch.Tensor], gather: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
+    """The rows to send, with the gathers applied (for transports that need them materialised)."""
+    if gather is None:
+        return tensors
+    return [t if g is None else t.index_select(0, g) for t, g in zip(tensors, gather)]
 
 
 def from_bytes(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -92,7 +107,8 @@ class TorchTransport(Transport):
         self._guard(lambda: dist.all_to_all_single(recv, send, group=self.group), "count exchange")
         return recv.tolist()
 
-    def exchange(self, tensors, send_counts, recv_counts=None):
+    def exchange(self, tensors, send_counts, recv_counts=None, gather=None):
+        tensors = gathered(tensors, gather)
         if recv_counts is None:
             recv_counts = self.exchange_counts(list(send_counts))
         packed = torch.cat([as_bytes(t) for t in tensors], dim=1) if len(tensors) > 1 else as_bytes(tensors[0])
