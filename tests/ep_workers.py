@@ -36,15 +36,30 @@ def exchange_both(rank, world, groups):
             # Received tensors may be views of the transport's buffers, valid for two calls: keep copies.
             results.append((rx.clone(), rid.clone(), rc))
         results.append(tr.all_max(rank * 3))
+        results.append(_round_trip(tr, rank, world))
         if tr.name == "shm":
             try:
-                tr.exchange([torch.zeros(9, 2)], [9] + [0] * (world - 1))
+                tr.exchange([torch.zeros(9, 2)], [9] + [0] * (world - 1))  # more rows than a slot holds
                 results.append("no error")
             except ValueError as exc:
                 results.append(str(exc))
         out[tr.name] = results
         tr.close()
     return out
+
+
+def _round_trip(tr, rank, world):
+    """exchange_rows out, then exchange_add of the received rows (as they landed) back home:
+    what dispatch and combine do. Every row comes back to the index it left from."""
+    g = torch.Generator().manual_seed(7 + rank)
+    counts = [int(c) for c in torch.randint(0, 5, (world,), generator=g)]
+    x = torch.randn(sum(counts), 6, generator=g)
+    origin = torch.randperm(sum(counts), generator=g)  # row j of the send order is x[origin[j]]
+    (rx, rid), rc = tr.exchange_rows([x, torch.arange(sum(counts)) + 100 * rank], counts, gather=[origin, None])
+    received = (rx.compact().clone(), rid.compact().clone(), rc)
+    out = torch.zeros(sum(counts), 6)
+    tr.exchange_add(rx.base, rc, counts, out, origin, gather=rx.rows)
+    return received, out, x
 
 
 def moe_both(rank, world, groups, top_k, chunk, routing):

@@ -54,7 +54,12 @@ def test_transports_agree(world):
             # Rows arrive grouped by source, and source s sent its ids starting at 100 * s.
             assert sorted(set((tid // 100).tolist())) == [s for s in range(world) if tc[s]]
         assert torch_res[4] == shm_res[4] == 3 * (world - 1)
-        assert "slot_rows=8, got 9" in shm_res[5]
+        # Dispatch-like exchange_rows and combine-like exchange_add: same rows as through gloo,
+        # and every row comes home to its index unchanged (exact: added once onto zeros).
+        (t_recv, t_out, x), (s_recv, s_out, _) = torch_res[5], shm_res[5]
+        assert t_recv[2] == s_recv[2] and torch.equal(t_recv[0], s_recv[0]) and torch.equal(t_recv[1], s_recv[1])
+        assert torch.equal(t_out, x) and torch.equal(s_out, x)
+        assert "slot_rows=8, got 9" in shm_res[6]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Dispatch + combine time of the expert-parallel all-to-all: shared memory vs gloo
 all_to_all_single, in one run, against the memcpy floor.
 
-    .venv/bin/python bench/comm/bench_a2a.py [--ranks 2 4] [--iters 20]
+    .venv/bin/python bench/comm/bench_a2a.py [--ranks 2 4] [--iters 20] [--tokens 16 64 256 4096]
 
 Each rank routes T random tokens (hidden 4096, fp32, 64 experts, top-k) and times
 dispatch + combine (no expert math: the received rows go straight back). The floor is one
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import time
 
 import torch
@@ -25,14 +26,19 @@ CHUNK = 1024  # tokens per rank per call at prefill (the registered capacity)
 
 
 def _time(fn, iters):
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(iters):
+    """Median seconds per call over `iters` calls after 3 warm-up calls: the median, because on
+    a shared 2-core VM single calls are sometimes descheduled for milliseconds."""
+    for _ in range(3):
         fn()
-    return (time.perf_counter() - start) / iters
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def _rank(rank, world, port, iters, queue):
+def _rank(rank, world, port, iters, sizes, queue):
     torch.set_num_threads(1)
     from expertmesh.parallel.all_to_all import ExpertParallel, combine, dispatch
     from expertmesh.parallel.groups import RankInfo, destroy_groups, init_groups
@@ -46,8 +52,17 @@ def _rank(rank, world, port, iters, queue):
         "gloo": TorchTransport(groups.data, rank, world, torch.device("cpu")),
         "shm": ShmTransport(groups.control, rank, world, CHUNK, row_bytes),
     }
+    # Touch every slot and buffer page once before any row is timed (first-touch page faults).
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(CHUNK, HIDDEN, generator=g)
+    weights, ids = torch.rand(CHUNK, EXPERTS, generator=g).topk(8, dim=-1)
+    for tr in transports.values():
+        ep = ExpertParallel(rank, world, tr, CHUNK)
+        for _ in range(4):
+            d = dispatch(ep, x, weights, ids, EXPERTS)
+            combine(ep, d, d.x, CHUNK)
     for top_k in (2, 8):
-        for tokens in DECODE + [PREFILL]:
+        for tokens in sizes:
             g = torch.Generator().manual_seed(rank)
             x = torch.randn(tokens, HIDDEN, generator=g)
             weights, ids = torch.rand(tokens, EXPERTS, generator=g).topk(top_k, dim=-1)
@@ -56,10 +71,10 @@ def _rank(rank, world, port, iters, queue):
                 for lo in range(0, tokens, CHUNK):
                     hi = min(lo + CHUNK, tokens)
                     d = dispatch(ep, x[lo:hi], weights[lo:hi], ids[lo:hi], EXPERTS)
-                    combine(ep, d, d.x.float(), hi - lo)
+                    combine(ep, d, d.x, hi - lo)  # the received rows go back as they landed
 
             row = {"top_k": top_k, "tokens": tokens}
-            n = iters if tokens < PREFILL else max(2, iters // 10)
+            n = iters if tokens < PREFILL else max(3, iters // 10)
             for name, tr in transports.items():
                 ep = ExpertParallel(rank, world, tr, CHUNK)
                 torch.distributed.barrier(group=groups.control)
@@ -81,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--tokens", type=int, nargs="+", default=DECODE + [PREFILL], help="tokens per rank")
     args = parser.parse_args()
     from expertmesh.parallel.groups import free_port
 
@@ -92,7 +108,7 @@ def main() -> None:
     for world in args.ranks:
         queue = ctx.Queue()
         port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, args.iters, queue)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, port, args.iters, args.tokens, queue)) for r in range(world)]
         for p in procs:
             p.start()
         rows = [pickle.loads(queue.get(timeout=1800)) for _ in procs]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from expertmesh._core import A2aCapacity, plan_dispatch, plan_receive
-from expertmesh.parallel.transport import Transport
+from expertmesh.parallel.transport import Received, Transport
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [Q, H], offsets [El+1]) -> [Q, H]
 
@@ -74,7 +74,7 @@ class ExpertParallel:
 class Dispatched:
     """What a rank received in shot 1, and what combine needs to send it back."""
 
-    x: torch.Tensor  # [S', H] received hidden states
+    x: Received  # [S', H] received hidden states, possibly still in the transport's buffer
     local_experts: torch.Tensor  # [S', k] int64 local expert ids, -1 = not for this rank
     weights: torch.Tensor  # [S', k] fp32 routing weights
     recv_counts: list[int]  # [R] rows from each source
@@ -90,37 +90,40 @@ def dispatch(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: to
     send_token_ids = torch.from_numpy(plan.send_token_ids).to(x.device)  # [S]
     local = torch.from_numpy(plan.send_local_experts).to(x.device)  # [S, k]
     send_counts = plan.send_counts.tolist()
-    # The transport gathers the sent rows itself (shared memory: straight into the peer's slot),
-    # so the [S, H] hidden states are never materialised here.
-    (rx, rl, rw), recv_counts = ep.transport.exchange(
+    # The transport gathers the sent rows itself (shared memory: straight into the peer's slot)
+    # and may leave received rows where they landed, so the [S, H] hidden states are copied once.
+    (rx, rl, rw), recv_counts = ep.transport.exchange_rows(
         [x, local, weights.float()], send_counts, gather=[send_token_ids, None, send_token_ids]
     )  # [S', H], [S', k], [S', k]
-    return Dispatched(rx, rl, rw, recv_counts, send_counts, send_token_ids)
+    return Dispatched(rx, rl.compact(), rw.compact(), recv_counts, send_counts, send_token_ids)
 
 
 def run_local_experts(ep: ExpertParallel, d: Dispatched, expert_fn: ExpertFn, num_experts: int) -> torch.Tensor:
     """Expert MLPs over the received rows; returns per-row weighted sums [S', H] fp32."""
     rows, k = d.local_experts.shape
-    hidden = d.x.shape[1]
+    hidden, device = d.x.base.shape[1], d.x.base.device
     if rows == 0:
-        return torch.zeros((0, hidden), dtype=torch.float32, device=d.x.device)
+        return torch.zeros((0, hidden), dtype=torch.float32, device=device)
     per_rank = num_experts // ep.world_size
     rp = plan_receive(d.recv_counts, d.local_experts.cpu().numpy(), per_rank)
-    pairs = torch.from_numpy(rp.sorted_pair_ids).to(d.x.device)  # [Q] row * k + slot
-    offsets = torch.from_numpy(rp.expert_offsets).to(d.x.device)  # [El+1]
-    y = expert_fn(d.x[pairs // k], offsets)  # [Q, H]
-    slots = torch.zeros((rows * k, hidden), dtype=torch.float32, device=d.x.device)  # [S'*k, H]
+    pairs = torch.from_numpy(rp.sorted_pair_ids).to(device)  # [Q] row * k + slot
+    offsets = torch.from_numpy(rp.expert_offsets).to(device)  # [El+1]
+    y = expert_fn(d.x.take(pairs // k), offsets)  # [Q, H]
+    slots = torch.zeros((rows * k, hidden), dtype=torch.float32, device=device)  # [S'*k, H]
     slots[pairs] = y.float() * d.weights.reshape(-1)[pairs].unsqueeze(-1)
     # Sum in slot order with zeros for other ranks' slots: the single-rank order of operations.
     return slots.view(rows, k, hidden).sum(dim=1)  # [S', H]
 
 
-def combine(ep: ExpertParallel, d: Dispatched, partial: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Shot 2: send partial sums [S', H] back; returns the per-token sum [T, H] fp32, a view of a
-    buffer the next combine on `ep` overwrites (moe_forward copies it out at once)."""
-    (back,), _ = ep.transport.exchange([partial], d.recv_counts, recv_counts=d.send_counts)  # [S, H]
-    out = ep.combine_buffer(num_tokens, partial.shape[1], partial.device)  # [T, H] zeroed
-    return out.index_add_(0, d.send_token_ids, back)
+def combine(ep: ExpertParallel, d: Dispatched, partial: torch.Tensor | Received, num_tokens: int) -> torch.Tensor:
+    """Shot 2: send partial sums [S', H] fp32 back; returns the per-token sum [T, H] fp32, a view
+    of a buffer the next combine on `ep` overwrites (moe_forward copies it out at once).
+
+    `partial` may be a Received (rows sent back as they arrived, as bench/comm does)."""
+    base, gather = (partial.base, partial.rows) if isinstance(partial, Received) else (partial, None)
+    out = ep.combine_buffer(num_tokens, base.shape[1], base.device)  # [T, H] zeroed
+    ep.transport.exchange_add(base, d.recv_counts, d.send_counts, out, d.send_token_ids, gather=gather)
+    return out
 
 
 def moe_forward(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

@@ -6,7 +6,14 @@ ids and routing weights for the same rows). Rows are grouped by destination rank
 send_counts[r] rows go to rank r, and what arrives is grouped by source rank. Transports:
   TorchTransport  all_to_all_single over the data group (gloo, NCCL); across hosts too.
   ShmTransport    (shm.py) CPU processes on one host writing straight into peers' slots.
-  (seam)          a CUDA IPC / symmetric-memory transport implements the same two methods.
+  (seam)          a CUDA IPC / symmetric-memory transport implements exchange_counts and
+                  exchange, and overrides exchange_rows / exchange_add where it can leave rows
+                  where they landed.
+
+Two calls carry expert parallelism's big rows without extra copies where the transport allows:
+exchange_rows (dispatch) may return received rows in place, as a `Received` (a base tensor and
+a row index), and exchange_add (combine) adds returned rows into the caller's output as they
+arrive. The defaults build both on exchange.
 
 Legend: R ranks, S rows sent, S' rows received, W_i bytes (or elements) per row of tensor i.
 """
@@ -14,11 +21,31 @@ Legend: R ranks, S rows sent, S' rows received, W_i bytes (or elements) per row 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from expertmesh.parallel.groups import CollectiveError
+
+
+@dataclass
+class Received:
+    """Received rows, possibly left where they landed: row j is base[rows[j]] (rows None: base[j])."""
+
+    base: torch.Tensor  # [N, ...] compact rows, or a transport buffer holding them
+    rows: torch.Tensor | None  # [S'] int64 row of base for each received row; None when base is [S', ...]
+
+    def __len__(self) -> int:
+        return self.base.shape[0] if self.rows is None else self.rows.shape[0]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """Received rows `index` [Q] as a new [Q, ...] tensor (one gather)."""
+        return self.base.index_select(0, index if self.rows is None else self.rows[index])
+
+    def compact(self) -> torch.Tensor:
+        """All received rows as a [S', ...] tensor (the base itself when already compact)."""
+        return self.base if self.rows is None else self.base.index_select(0, self.rows)
 
 
 class Transport(ABC):
@@ -48,6 +75,23 @@ class Transport(ABC):
         The received tensors may be views of transport-owned buffers (ShmTransport): they stay
         valid until two calls later on the same transport; clone them to keep them longer."""
 
+    def exchange_rows(
+        self, tensors: list[torch.Tensor], send_counts: list[int], gather: list[torch.Tensor | None] | None = None,
+    ) -> tuple[list[Received], list[int]]:
+        """exchange(), except that received rows may stay where they landed (no copy out).
+
+        Rows left in place are valid until this rank's next call on the transport returns:
+        they may be that call's input (combine sending received rows back), nothing later."""
+        received, counts = self.exchange(tensors, send_counts, gather=gather)
+        return [Received(t, None) for t in received], counts
+
+    def exchange_add(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                     out: torch.Tensor, index: torch.Tensor, gather: torch.Tensor | None = None) -> None:
+        """Send rows of `tensor` [S, H] (through `gather` [S] if given) and add received row j
+        into out[index[j]]; rows are added in source-rank order, each source's in sent order."""
+        (back,), _ = self.exchange([tensor], send_counts, recv_counts, gather=None if gather is None else [gather])
+        out.index_add_(0, index, back.to(out.dtype))
+
     def all_max(self, value: int) -> int:
         """The largest `value` over all ranks (the chunk count every rank must agree on)."""
         return max(self.exchange_counts([value] * self.world_size))
@@ -57,7 +101,13 @@ class Transport(ABC):
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[S, ...] -> [S, W] uint8 view of a contiguous copy (gloo and shm move bytes)."""
+    """[S, ...] -> [S, W] uint8 (gloo and shm move bytes): a view when each row is contiguous
+    (rows may be spaced apart, as in a transport's slots), else a view of a contiguous copy."""
+    if t.dim() == 2 and t.stride(1) == 1 and t.shape[0] > 0:
+        try:
+            return t.view(torch.uint8)
+        except RuntimeError:  # row stride not a whole number of bytes apart for the view
+            pass
     return t.contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes(t))
 
 
@@ -111,7 +161,8 @@ class TorchTransport(Transport):
         tensors = gathered(tensors, gather)
         if recv_counts is None:
             recv_counts = self.exchange_counts(list(send_counts))
-        packed = torch.cat([as_bytes(t) for t in tensors], dim=1) if len(tensors) > 1 else as_bytes(tensors[0])
+        raws = [as_bytes(t) for t in tensors]
+        packed = torch.cat(raws, dim=1) if len(raws) > 1 else raws[0].contiguous()  # [S, W]
         out = packed.new_empty((sum(recv_counts), packed.shape[1]))  # [S', W]
         self._guard(
             lambda: dist.all_to_all_single(out, packed, list(recv_counts), list(send_counts), group=self.group),
