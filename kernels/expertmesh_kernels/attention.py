@@ -177,12 +177,14 @@ def _attend(
     ids = block_tables[:, :num_blocks].to(torch.int64).clamp(min=0).reshape(-1)  # [M * MBL], padding is masked
     k = k_cache.index_select(0, ids).view(m, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
     v = v_cache.index_select(0, ids).view(m, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
-    fused = q_len > 1 or q.dtype == torch.float32
+    fused = q_len > 1 or q.dtype == torch.float32 or k.dtype == torch.float32
     if fused:
-        # torch's fused attention. Every query sees at least its own key, so no row of the
-        # mask is empty.
+        # torch's fused attention, in q's dtype for prefill and in fp32 for decodes over an
+        # fp32 cache (a half-precision q is exact in fp32). Every query sees at least its own
+        # key, so no row of the mask is empty.
+        dtype = q.dtype if q_len > 1 else torch.promote_types(q.dtype, k.dtype)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype),
             attn_mask=visible[:, None], scale=scale, enable_gqa=group > 1,
         ).transpose(1, 2).float()  # [M, Q, NH, D]
         if not need_lse:

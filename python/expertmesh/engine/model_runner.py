@@ -10,7 +10,7 @@ import torch
 
 from expertmesh._core import SchedulerOutput
 from expertmesh.config import EngineConfig
-from expertmesh.layers.attention import AttentionMetadata
+from expertmesh.layers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_dtype
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.models.loader import load_model
 
@@ -26,18 +26,14 @@ class ModelRunner:
         self.dtype = self.model.dtype
         self.vocab_size = int(self.hf_config["vocab_size"])
         self.max_model_len = config.resolve_max_model_len(int(self.hf_config.get("max_position_embeddings", 4096)))
-        shape = (config.block_size, self.model.num_kv_heads, self.model.head_dim)
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        bytes_per_block = 2 * self.model.num_layers * elem * shape[0] * shape[1] * shape[2]
+        self.kv_cache_dtype = kv_cache_dtype(self.dtype, self.device)
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
+        bytes_per_block = 2 * self.model.num_layers * elem * config.block_size * self.model.num_kv_heads \
+            * self.model.head_dim
         self.num_kv_blocks = config.resolve_kv_cache_blocks(self.max_model_len, bytes_per_block)
-        # One (key, value) pair per layer: [NB, B, NKV, D] each.
-        self.kv_caches = [
-            (
-                torch.zeros((self.num_kv_blocks, *shape), dtype=self.dtype, device=self.device),
-                torch.zeros((self.num_kv_blocks, *shape), dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.model.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(self.model.num_layers, self.num_kv_blocks, config.block_size,
+                                            self.model.num_kv_heads, self.model.head_dim, self.kv_cache_dtype,
+                                            self.device)
 
     @property
     def expert_parallel(self) -> bool:
