@@ -33,6 +33,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile as triton_compile, make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
+if not (hasattr(triton_jit, "create_function_from_signature") and hasattr(triton_jit.JITFunction, "_pack_args")):
+    print("this triton lacks the binder internals compile_for_gpu.py uses", file=sys.stderr)
+    sys.exit(3)  # the test skips on this exit code
+
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 COMPILED: list[dict] = []

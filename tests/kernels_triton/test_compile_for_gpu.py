@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
 KERNELS = {"_write_kv_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_moe_align_kernel",
            "_moe_gemm_kernel", "_topk_gating_kernel", "_rms_norm_kernel", "_rotary_kernel"}
@@ -21,6 +23,8 @@ KERNELS = {"_write_kv_kernel", "_decode_split_kernel", "_decode_merge_kernel", "
 def test_every_kernel_compiles_for_sm90_in_every_dtype():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:  # an older triton without the binder internals (see the script)
+        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     summary, compiled = records[-1], records[:-1]
