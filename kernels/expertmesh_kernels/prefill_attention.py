@@ -25,6 +25,7 @@ import triton.language as tl
 
 from expertmesh_kernels._triton_common import dot_config
 from expertmesh_kernels.attention import _check_inputs, paged_attention_ref
+from expertmesh_kernels.paged_kv_tile import load_kv_tile
 
 __all__ = ["varlen_prefill_attention", "paged_attention_ref"]
 
@@ -72,14 +73,9 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)  # [BN] key positions
-        nmask = offs_n < hi
-        blk = tl.load(block_tables_ptr + n * stride_bt + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, D]
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, D]
+        k, v, nmask = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, n, stride_bt, kvh,
+                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   offs_n, hi, offs_d, dmask, BLOCK_SIZE)  # [BN, D] x2, [BN]
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale  # [BM, BN]

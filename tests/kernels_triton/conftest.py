@@ -16,7 +16,8 @@ import torch
 
 if not torch.cuda.is_available():
     _already = [m for m in sys.modules if m.startswith("expertmesh_kernels.") and m.split(".")[1] in (
-        "kv_cache", "decode_attention", "prefill_attention", "moe_align", "fused_moe", "gating", "norm_rope")]
+        "kv_cache", "decode_attention", "prefill_attention", "paged_kv_tile", "moe_align", "fused_moe", "gating",
+        "norm_rope")]
     if _already and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"kernel modules {_already} were imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
