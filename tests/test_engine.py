@@ -173,7 +173,8 @@ def test_text_prompt_and_chat(llm):
         ([1] * 5000, SamplingParams(max_tokens=1), "prompt"),
         ([1, 2, 3], SamplingParams(max_tokens=10**6), "max_tokens"),
         ("", SamplingParams(), "prompt"),
-        ([1, 100000], SamplingParams(), "prompt"),
+        ([1, 100000], SamplingParams(), "prompt[1]"),
+        ([1, 2], SamplingParams(stop_token_ids=[5, 100000]), "stop_token_ids[1]"),  # beyond the vocabulary
     ],
 )
 def test_bad_requests_raise_clear_errors(llm, prompt, params, param):

@@ -18,7 +18,8 @@ from ep_util import run_ranks
 from ep_workers import exchange_both, moe_both
 from expertmesh import LLM, SamplingParams
 from expertmesh._core import A2aCapacity, CoreError, PhaseRing, plan_dispatch, plan_receive
-from expertmesh.parallel.groups import CollectiveError, free_port
+from expertmesh.errors import CollectiveError
+from expertmesh.parallel.groups import free_port
 
 
 def test_plans_through_the_bindings():

@@ -32,7 +32,7 @@ def test_request_bodies_round_trip_through_the_server_parser():
                          top_k=5, logprobs=2)
     parsed = CompletionRequest.from_body(body)
     assert (parsed.prompt, parsed.max_tokens, parsed.stop, parsed.include_usage, parsed.logprobs) == (
-        "hi", 3, ["x"], True, 2)
+        "hi", 3, ("x",), True, 2)
     assert parsed.extra == {"top_k": 5}
     chat = _request_body(ChatCompletionRequest, messages=[{"role": "user", "content": "hi"}], logprobs=True,
                          top_logprobs=2)

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 
+from expertmesh.limits import RequestLimits
 from expertmesh.sdk import AsyncClient, Client
 from expertmesh.sdk import errors as sdk_errors
 from expertmesh.server import openapi
@@ -318,9 +319,13 @@ def _validate(schema: dict, value, doc: dict, where: str = "$") -> None:
             _validate(schema["items"], item, doc, f"{where}[{i}]")
 
 
-def test_openapi_document_matches_real_responses(server):
+def test_openapi_document_matches_real_responses(server, mixtral_dir):
     status, _, doc = http("GET", server.url + "/openapi.json")
-    assert status == 200 and doc == json.loads(json.dumps(openapi.document()))
+    vocab = json.loads((mixtral_dir / "config.json").read_text())["vocab_size"]
+    # The request schemas carry this server's limits: its vocabulary and context.
+    assert status == 200 and doc == json.loads(json.dumps(openapi.document(RequestLimits(vocab, MAX_MODEL_LEN))))
+    prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[1]["items"]["maximum"] == vocab - 1 and prompt[1]["maxItems"] == MAX_MODEL_LEN - 1
 
     def check(path: str, method: str, code: int, body) -> None:
         schema = doc["paths"][path][method]["responses"][str(code)]["content"]["application/json"]["schema"]

@@ -12,15 +12,17 @@ from typing import Any, Self, final
 import numpy as np
 import numpy.typing as npt
 
+from expertmesh.errors import CoreError as CoreError
+
 __all__ = [
-    "CoreError", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
+    "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
 
-class CoreError(ValueError):
-    """Invalid input to the core; the message names the limit and the value received."""
+MAX_TOKEN_ID: int
+"""The largest token id the core stores (2**31 - 1); bigger ids are refused with CoreError."""
 
 @final
 class Scheduler:

@@ -1,9 +1,17 @@
-"""The errors expertmesh raises for bad input, shared by the engine, the server and the SDK.
+"""The one exception hierarchy of expertmesh; every error it raises on purpose is an
+`ExpertMeshError`.
 
-`InvalidRequestError` is what every validator raises: it names the offending field (`param`)
-and keeps the value received, so the server can answer HTTP 400 with OpenAI's
-`{"error": {"message", "type": "invalid_request_error", "param"}}` body without parsing
-messages. It subclasses ValueError so plain Python callers can catch the usual type.
+    ExpertMeshError
+    ├── InvalidRequestError   bad input (a ValueError): names the field, the limit and the value
+    ├── CoreError             the Rust core refused a call (a ValueError; raised from rust/src/py.rs)
+    ├── CollectiveError       a collective failed: a peer rank died or ranks left lockstep
+    └── EngineDeadError       the engine (process) is gone; requests in flight cannot finish
+
+The HTTP server answers with `expertmesh.server.validation.ErrorResponse` (an exception that
+carries a status and OpenAI's error body) and the SDK raises `expertmesh.sdk.errors.APIError`
+subclasses; both derive from ExpertMeshError and are named so they cannot be mistaken for each
+other. Edge validation (expertmesh/limits.py) knows the core's limits, so a CoreError reaching a
+user means a check is missing there.
 """
 
 from __future__ import annotations
@@ -38,6 +46,20 @@ class InvalidRequestError(ExpertMeshError, ValueError):
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body's inner object."""
         return {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": None}
+
+
+class CoreError(ExpertMeshError, ValueError):
+    """The Rust core (`expertmesh._core`) refused a call: an argument out of its range (the
+    message names the limit and the value) or a call out of order (an engine bug)."""
+
+
+class CollectiveError(ExpertMeshError, RuntimeError):
+    """A collective failed or timed out: a peer rank died or the ranks fell out of lockstep."""
+
+
+class EngineDeadError(ExpertMeshError, RuntimeError):
+    """The engine is gone (its process died, stopped answering, or was shut down); requests in
+    flight cannot finish."""
 
 
 def _rebuild_invalid_request_error(

@@ -5,25 +5,21 @@
 use numpy::{
     PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
 };
-use pyo3::create_exception;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::a2a::{plan_dispatch as plan_dispatch_rs, plan_receive as plan_receive_rs};
 use crate::a2a_buffers::{A2aCapacity, PhaseHandle, PhaseRing};
 use crate::error::{check_at_least, CoreError as RustCoreError};
-use crate::request::FinishReason;
+use crate::request::{FinishReason, MAX_TOKEN_ID};
 use crate::routing::route as route_rs;
 use crate::scheduler::{NewRequest, Scheduler, SchedulerConfig};
 use crate::scheduler_output::SchedulerOutput;
 
-create_exception!(
-    expertmesh._core,
-    CoreError,
-    PyValueError,
-    "Invalid input to the expertmesh core; the message names the limit and the value received."
-);
+// The class is defined in expertmesh/errors.py, so the core's errors sit in the package's one
+// hierarchy (ExpertMeshError); the core raises it by import.
+pyo3::import_exception!(expertmesh.errors, CoreError);
 
 fn py_err(e: RustCoreError) -> PyErr {
     CoreError::new_err(e.to_string())
@@ -626,6 +622,8 @@ fn _panic_for_tests(py: Python<'_>, message: String) {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CoreError", m.py().get_type::<CoreError>())?;
+    // The largest token id the core stores; edge validation checks against it (limits.py).
+    m.add("MAX_TOKEN_ID", MAX_TOKEN_ID)?;
     m.add_class::<PyScheduler>()?;
     m.add_class::<PySchedulerOutput>()?;
     m.add_class::<PyRoutingPlan>()?;

@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from expertmesh.config import EngineConfig
 from expertmesh.engine.llm_engine import LLMEngine
-from expertmesh.errors import InvalidRequestError
-from expertmesh.outputs import RequestOutput
+from expertmesh.engine.request_state import EngineRequest
+from expertmesh.errors import CollectiveError, InvalidRequestError
+from expertmesh.outputs import CompletionOutput, RequestOutput
 from expertmesh.parallel.all_to_all import tokens_per_rank
-from expertmesh.parallel.groups import (CollectiveError, Groups, RankInfo, destroy_groups, free_port,
-                                        rank_info_from_env, set_expert_parallel)
+from expertmesh.parallel.groups import (Groups, RankInfo, destroy_groups, free_port, rank_info_from_env,
+                                        set_expert_parallel)
 from expertmesh.parallel.launch import setup_rank, spawn_workers
 from expertmesh.sampling_params import SamplingParams
 
@@ -65,11 +66,10 @@ def run_worker(config: EngineConfig, info: RankInfo) -> None:
                 return
             if kind == "step":
                 adds, aborts = payload
-                for prompt, params, request_id, priority in adds[info.rank]:
-                    engine.add_request(prompt, params, request_id=request_id, priority=priority)
+                failed = [_add_or_fail(engine, req, request_id) for req, request_id in adds[info.rank]]
                 for request_id in aborts[info.rank]:
                     engine.abort_request(request_id)
-                outputs = engine.step()
+                outputs = [out for out in failed if out is not None] + engine.step()
                 _collective(lambda: dist.gather_object(outputs, None, dst=0, group=groups.control), "sending outputs")
             elif kind == "stats":
                 stats = engine.stats()
@@ -80,6 +80,18 @@ def run_worker(config: EngineConfig, info: RankInfo) -> None:
                 m.ep.transport.close()
                 break
         destroy_groups()
+
+
+def _add_or_fail(engine: LLMEngine, req: EngineRequest, request_id: str) -> RequestOutput | None:
+    """Add on a worker rank; a request it cannot take ends with "error" (reported with the
+    step's outputs) instead of taking the rank, and with it the group, down."""
+    try:
+        engine.add(req, request_id)
+        return None
+    except Exception:  # noqa: BLE001 - rank 0 validated it: this is a bug, isolated to the request
+        logger.exception("rank could not add request %s", request_id)
+        outs = [CompletionOutput(i, "", [], finish_reason="error") for i in range(req.params.n)]
+        return RequestOutput(request_id, req.prompt, req.prompt_ids, outs, finished=True)
 
 
 class EPEngine:
@@ -142,17 +154,17 @@ class EPEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0) -> str:
-        prompt_ids = self.engine.check_request(prompt, params)  # rank 0 validates for everyone
+        req = self.engine.check_request(prompt, params, priority)  # rank 0 validates for everyone
         if request_id is None:
             request_id = f"ep-{self._next_id}"
             self._next_id += 1
         if request_id in self._owner:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id", value=request_id)
-        rank = self.pick_rank(prompt_ids)
+        rank = self.pick_rank(req.prompt_ids)
         if rank == 0:
-            self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
+            self.engine.add(req, request_id)
         else:
-            self._adds[rank].append((prompt, params, request_id, priority))
+            self._adds[rank].append((req, request_id))
         self._owner[request_id] = rank
         self._load[rank] += 1
         return request_id
@@ -164,7 +176,7 @@ class EPEngine:
         if rank == 0:
             self.engine.abort_request(request_id)
         else:
-            pending = [a for a in self._adds[rank] if a[2] != request_id]
+            pending = [a for a in self._adds[rank] if a[1] != request_id]
             if len(pending) == len(self._adds[rank]):
                 self._aborts[rank].append(request_id)
             self._adds[rank] = pending

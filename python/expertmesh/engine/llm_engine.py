@@ -18,15 +18,20 @@ from expertmesh._core import Scheduler
 from expertmesh.config import EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer
 from expertmesh.engine.model_runner import ModelRunner
-from expertmesh.engine.request_state import RequestState, SequenceState
+from expertmesh.engine.request_state import EngineRequest, RequestState, SequenceState
 from expertmesh.engine.sampler import Sampler
 from expertmesh.errors import InvalidRequestError
+from expertmesh.fields import TokenIdsField
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.outputs import Logprob, RequestOutput
+from expertmesh.limits import RequestLimits, check_priority
+from expertmesh.sampling_params import FIELDS as SAMPLING_FIELDS
 from expertmesh.sampling_params import SamplingParams
 from expertmesh.tokenizer import CheckpointTokenizer
 
 logger = logging.getLogger(__name__)
+PROMPT_IDS = TokenIdsField("prompt", "prompt token ids", min_items=1)
+STOP_TOKEN_IDS = SAMPLING_FIELDS["stop_token_ids"]
 
 
 class LLMEngine:
@@ -37,6 +42,7 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.tokenizer = CheckpointTokenizer.from_dir(config.model_path)
         self.max_model_len = self.runner.max_model_len
+        self.limits = RequestLimits(self.runner.vocab_size, self.max_model_len)
         self.scheduler = Scheduler(
             num_blocks=self.runner.num_kv_blocks,
             block_size=config.block_size,
@@ -54,43 +60,20 @@ class LLMEngine:
 
     # ---- requests in -------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt given as text or as ids, checked against vocabulary and context."""
+    def check_request(self, prompt: str | list[int], params: SamplingParams, priority: int = 0) -> EngineRequest:
+        """The validated request; InvalidRequestError naming the field otherwise. The checks
+        are the core's and the model's limits (limits.py), so the core never refuses it."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty", param="prompt", value=prompt)
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt)
-            vocab = self.runner.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}", param="prompt", value=bad[0]
-                )
-        if not ids:
-            raise InvalidRequestError("prompt must contain at least one token", param="prompt", value=prompt)
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(the prompt must leave room for at least one generated token)",
-                param="prompt",
-                value=len(ids),
-            )
-        return ids
-
-    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """The prompt's token ids if the request is valid; InvalidRequestError otherwise."""
-        prompt_ids = self.tokenize(prompt)
-        room = self.max_model_len - len(prompt_ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise InvalidRequestError(
-                f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                f"max_model_len {self.max_model_len} (at most {room} tokens can be generated)",
-                param="max_tokens",
-                value=params.max_tokens,
-            )
-        return prompt_ids
+            ids = prompt
+        prompt_ids = PROMPT_IDS.check(ids, self.limits)  # text too: a tokenizer may know more ids than the model
+        max_tokens = self.limits.check_context(len(prompt_ids), params.max_tokens)
+        STOP_TOKEN_IDS.check(params.stop_token_ids, self.limits)
+        return EngineRequest(prompt if isinstance(prompt, str) else None, prompt_ids, params, max_tokens,
+                             check_priority(priority))
 
     def add_request(
         self,
@@ -101,42 +84,44 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError for anything invalid.
         A lower priority value is served first (then arrival order), as in vLLM."""
-        prompt_ids = self.check_request(prompt, params)
-        room = self.max_model_len - len(prompt_ids)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
+        return self.add(self.check_request(prompt, params, priority), request_id)
+
+    def add(self, req: EngineRequest, request_id: str | None = None) -> str:
+        """Queue a validated request as its n sequences, all or none."""
         if request_id is None:
             request_id = str(next(self._request_counter))
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id", value=request_id)
+        params = req.params
         eos, *more_eos = self.tokenizer.eos_token_ids or [None]
         stop_ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else more_eos)
-        state = RequestState(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, [])
-        for index in range(params.n):
-            core_id = next(self._core_ids)
-            generator = None
-            if params.seed is not None:
-                # Sequence i of a seeded request draws from seed + i, so n > 1 does not repeat itself.
-                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-            seq = SequenceState(
-                core_id=core_id,
-                index=index,
-                params=params,
-                detokenizer=IncrementalDetokenizer(self.tokenizer.tokenizer, prompt_ids, params),
-                generator=generator,
-                logprobs=[] if params.logprobs is not None else None,
-                cumulative_logprob=0.0 if params.logprobs is not None else None,
-            )
-            self.scheduler.add_request(
-                core_id,
-                prompt_ids,
-                max_tokens=max_tokens,
-                stop_token_ids=stop_ids,
-                eos_token_id=eos,
-                ignore_eos=params.ignore_eos,
-                priority=priority,
-            )
-            state.seqs.append(seq)
-            self._seqs[core_id] = (state, seq)
+        state = RequestState(request_id, req.prompt, req.prompt_ids, [])
+        try:
+            for index in range(params.n):
+                core_id = next(self._core_ids)
+                generator = None
+                if params.seed is not None:
+                    # Sequence i of a seeded request draws from seed + i, so n > 1 does not repeat itself.
+                    generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+                seq = SequenceState(
+                    core_id=core_id,
+                    index=index,
+                    params=params,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer.tokenizer, req.prompt_ids, params),
+                    generator=generator,
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if params.logprobs is not None else None,
+                )
+                self.scheduler.add_request(core_id, req.prompt_ids, max_tokens=req.max_tokens,
+                                           stop_token_ids=stop_ids, eos_token_id=eos, ignore_eos=params.ignore_eos,
+                                           priority=req.priority)
+                state.seqs.append(seq)
+                self._seqs[core_id] = (state, seq)
+        except BaseException:
+            for seq in state.seqs:  # no half-added request: its first sequences leave too
+                self.scheduler.abort(seq.core_id)
+                self._seqs.pop(seq.core_id, None)
+            raise
         self._requests[request_id] = state
         return request_id
 
@@ -175,7 +160,11 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns an output for every request that advanced."""
+        """Run one engine step; returns an output for every request that advanced.
+
+        Failures stay with the requests they belong to: a failed forward pass ends the step's
+        requests with reason "error" (their blocks are freed), a failed draw or detokenization
+        ends only its own request, and the engine goes on serving the others."""
         batch = self.scheduler.schedule()
         if batch.is_empty and self._expert_parallel:
             self.runner.idle_step()  # lockstep: peers' MoE layers wait for this rank's (empty) share
@@ -187,60 +176,91 @@ class LLMEngine:
         seqs = [self._seqs[i][1] for i in core_ids]
         try:
             logits = self.runner.execute(batch)  # [S, V]
-            sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception:
             if self._expert_parallel:
                 raise  # peers are mid-collective with this rank: the group cannot go on
-            # A failed forward pass ends the step's requests with reason "error" (their blocks
-            # are freed) instead of leaving them stuck; the engine keeps serving the others.
             logger.exception("step failed; finishing its %d requests with an error", len(batch.request_ids))
-            return self._fail_requests(batch.request_ids.tolist())
-        token_ids = sampled.token_ids.tolist()
+            return self._fail({self._seqs[i][0].request_id: self._seqs[i][0] for i in batch.request_ids.tolist()})
+        rows = self._sample(logits, seqs)
+        failed: dict[str, RequestState] = {}
+        for core_id, row in zip(core_ids, rows):
+            if row is None:
+                state = self._seqs[core_id][0]
+                failed[state.request_id] = state
+        outputs = self._fail(failed)  # before update(), which then skips their rows
+        token_ids = [0 if row is None else row[0] for row in rows]
         finished = dict(self.scheduler.update(np.asarray(token_ids, dtype=np.int64)))
 
         touched: dict[str, RequestState] = {}
-        for row, (core_id, seq, token) in enumerate(zip(core_ids, seqs, token_ids)):
+        for core_id, seq, row in zip(core_ids, seqs, rows):
+            if row is None or core_id not in self._seqs:  # failed above, or with its request below
+                continue
             state = self._seqs[core_id][0]
+            try:
+                self._advance(core_id, seq, row, finished)
+            except Exception:
+                logger.exception("request %s failed after its draw; finishing it with an error", state.request_id)
+                outputs += self._fail({state.request_id: state})
+                touched.pop(state.request_id, None)
+                continue
             touched[state.request_id] = state
-            seq.token_ids.append(token)
-            if seq.logprobs is not None and sampled.logprobs is not None:
-                self._record_logprobs(seq, row, token, sampled.logprobs)
-            # An eos or stop token ends the text without adding its own (as vLLM does).
-            delta, stop_str = seq.detokenizer.add_tokens([token], stop_terminated=finished.get(core_id) == "stop")
-            seq.pending_delta += delta
-            if stop_str is not None:
-                self.scheduler.finish_request(core_id, "stop")
-                finished[core_id] = "stop"
-                seq.stop_reason = stop_str
-            elif finished.get(core_id) == "stop" and token in (seq.params.stop_token_ids or []):
-                seq.stop_reason = token
-            if core_id in finished:
-                seq.finish_reason = finished[core_id]
-                seq.pending_delta += seq.detokenizer.flush()
-                self._seqs.pop(core_id)
-
-        outputs = []
         for state in touched.values():
             outputs.append(state.to_output())
             if state.finished:
                 del self._requests[state.request_id]
         return outputs
 
-    def _fail_requests(self, core_ids: list[int]) -> list[RequestOutput]:
-        failed: dict[str, RequestState] = {}
-        for core_id in core_ids:
-            state, seq = self._seqs.pop(core_id)
-            self.scheduler.finish_request(core_id, "error")
-            seq.finish_reason = "error"
-            failed[state.request_id] = state
-        outputs = [state.to_output() for state in failed.values()]
-        for state in failed.values():
-            if state.finished:
-                del self._requests[state.request_id]
-        return outputs
+    def _sample(self, logits, seqs: list[SequenceState]) -> list[tuple[int, tuple | None] | None]:
+        """(token, logprobs row or None) per sampling row, None where the draw failed. A batch
+        that fails is drawn again row by row, so one request's bad draw fails only itself."""
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        try:
+            return _rows(self.sampler(logits, params, gens), range(len(seqs)))
+        except Exception:
+            logger.exception("sampling %d rows failed; drawing them one by one", len(seqs))
+        rows: list[tuple[int, tuple | None] | None] = []
+        for i in range(len(seqs)):
+            try:
+                rows += _rows(self.sampler(logits[i: i + 1], params[i: i + 1], gens[i: i + 1]), [0])
+            except Exception:
+                logger.exception("sampling failed for sequence %d", seqs[i].core_id)
+                rows.append(None)
+        return rows
 
-    def _record_logprobs(self, seq: SequenceState, row: int, token: int, logprobs: object) -> None:
-        sampled_lp, top_ids, top_lps, rank = logprobs.row(row)  # type: ignore[attr-defined]
+    def _advance(self, core_id: int, seq: SequenceState, row: tuple[int, tuple | None],
+                 finished: dict[int, str]) -> None:
+        """Append one drawn token to a sequence: logprobs, text, stop strings, finish."""
+        token, logprobs = row
+        seq.token_ids.append(token)
+        if seq.logprobs is not None and logprobs is not None:
+            self._record_logprobs(seq, token, logprobs)
+        # An eos or stop token ends the text without adding its own (as vLLM does).
+        delta, stop_str = seq.detokenizer.add_tokens([token], stop_terminated=finished.get(core_id) == "stop")
+        seq.pending_delta += delta
+        if stop_str is not None:
+            self.scheduler.finish_request(core_id, "stop")
+            finished[core_id] = "stop"
+            seq.stop_reason = stop_str
+        elif finished.get(core_id) == "stop" and token in (seq.params.stop_token_ids or []):
+            seq.stop_reason = token
+        if core_id in finished:
+            seq.finish_reason = finished[core_id]
+            seq.pending_delta += seq.detokenizer.flush()
+            self._seqs.pop(core_id)
+
+    def _fail(self, states: dict[str, RequestState]) -> list[RequestOutput]:
+        """End whole requests with reason "error", freeing every block their sequences hold."""
+        for state in states.values():
+            for seq in state.seqs:
+                if self._seqs.pop(seq.core_id, None) is not None:
+                    self.scheduler.finish_request(seq.core_id, "error")
+                if not seq.finished:
+                    seq.finish_reason = "error"
+            self._requests.pop(state.request_id, None)
+        return [state.to_output() for state in states.values()]
+
+    def _record_logprobs(self, seq: SequenceState, token: int, logprobs: tuple) -> None:
+        sampled_lp, top_ids, top_lps, rank = logprobs
         entry = {token: Logprob(sampled_lp, rank, self.tokenizer.decode([token], False))}
         for r, (tid, lp) in enumerate(zip(top_ids, top_lps), start=1):
             entry.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid], False)))
@@ -259,3 +279,10 @@ class LLMEngine:
                     if on_finish is not None:
                         on_finish(out)
         return done
+
+
+def _rows(out, rows) -> list[tuple[int, tuple | None]]:
+    """(token, logprobs row or None) of the given rows of a SamplerOutput."""
+    tokens = out.token_ids.tolist()
+    lp = out.logprobs
+    return [(tokens[r], lp.row(r) if lp is not None and lp.has_row(r) else None) for r in rows]

@@ -13,6 +13,18 @@ from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput
 from expertmesh.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request the engine validated (`LLMEngine.check_request`): the only kind it queues.
+    Every value is within the core's and the model's limits, so adding it cannot fail."""
+
+    prompt: str | None  # the text, when it came as text
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: never None, and prompt + max_tokens fits the context
+    priority: int = 0
+
+
 @dataclass
 class SequenceState:
     """One of the n completions of a request; `core_id` names it in the Rust scheduler."""

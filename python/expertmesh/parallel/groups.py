@@ -20,10 +20,6 @@ import torch
 import torch.distributed as dist
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out: a peer rank died or the ranks fell out of lockstep."""
-
-
 @dataclass(frozen=True)
 class RankInfo:
     """Where this process sits, from env:// variables."""

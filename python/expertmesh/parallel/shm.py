@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh._core import PhaseHandle, PhaseRing
-from expertmesh.parallel.groups import CollectiveError
+from expertmesh.errors import CollectiveError
 from expertmesh.parallel.transport import Received, Transport, as_bytes, from_bytes, row_bytes
 
 _NUM_PHASES = 2

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from expertmesh.parallel.groups import CollectiveError
+from expertmesh.errors import CollectiveError
 
 
 @dataclass

@@ -13,9 +13,15 @@ Frames, engine -> frontend:
   {"type": "outputs", "outputs": [{"id", "finished", "queue_time"?, "seqs": [
       {"index", "text", "token_ids", "logprobs"?, "finish_reason", "stop_reason"}]}]}
       text / token_ids / logprobs hold only what is new since the previous frame.
-  {"type": "error", "id", "error": {"message", "param"}}   the engine rejected an add
+  {"type": "error", "id", "error": {"message", "param", "status"}}
+      the request ended without outputs: its add was refused (status 400) or failed (500), or
+      its outputs could not be encoded (500); the engine holds nothing of it
   {"type": "stats", ...LLMEngine.stats()}                  after steps (rate-limited) and when idle
   {"type": "fatal", "message"}                             startup or a step failed; the process exits
+
+Error boundary: a failure that belongs to one request (its add, its outputs' encoding, and,
+inside LLMEngine.step, its draw or detokenization) ends that request with an error and the loop
+goes on; only a failure of the engine itself (a step that raises, a dead peer rank) is fatal.
 
 Detokenization and stop strings run here, not in the frontend (DESIGN.md puts them in the
 frontend): the engine finds a stop string in the same step that produced it, so no token is
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import socket
@@ -35,9 +42,10 @@ import time
 import traceback
 from typing import Any
 
-from expertmesh.errors import InvalidRequestError
+from expertmesh.errors import CoreError, InvalidRequestError
 from expertmesh.server.link import LinkClosed, encode, recv_frame
 
+logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.1  # a stats frame at most this often while busy (and always when going idle)
 
 
@@ -63,26 +71,36 @@ class EngineLoop:
         try:
             while True:
                 self.inbox.put(recv_frame(self.sock))
-        except (LinkClosed, OSError):
-            # The frontend is gone: nobody can receive results, so stop.
+        except (LinkClosed, OSError) as exc:
+            # The frontend is gone (or sent garbage): nobody can receive results, so stop.
+            print(f"expertmesh engine: frontend link closed ({exc}); shutting down", file=sys.stderr, flush=True)
             self.inbox.put({"type": "shutdown"})
+
+    def _error(self, request_id: Any, message: str, param: str | None, status: int) -> None:
+        self.send({"type": "error", "id": request_id, "error": {"message": message, "param": param, "status": status}})
+
+    def _add(self, message: dict[str, Any]) -> None:
+        from expertmesh.sampling_params import SamplingParams
+
+        request_id = message.get("id")
+        try:
+            params = SamplingParams(**message["params"])
+            self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0))
+        except (InvalidRequestError, CoreError) as exc:
+            self._error(request_id, str(exc), getattr(exc, "param", None), 400)
+            return
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
+            logger.exception("adding request %s failed", request_id)
+            self._error(request_id, f"the engine could not take the request: {type(exc).__name__}: {exc}", None, 500)
+            return
+        self.sent[request_id] = [0] * params.n
+        self.arrival[request_id] = time.monotonic()
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """Apply one frame; False means shut down."""
-        kind = message["type"]
+        kind = message.get("type")
         if kind == "add":
-            from expertmesh.sampling_params import SamplingParams
-
-            request_id = message["id"]
-            try:
-                params = SamplingParams(**message["params"])
-                self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0))
-            except (InvalidRequestError, TypeError) as exc:
-                param = getattr(exc, "param", None)
-                self.send({"type": "error", "id": request_id, "error": {"message": str(exc), "param": param}})
-                return True
-            self.sent[request_id] = [0] * params.n
-            self.arrival[request_id] = time.monotonic()
+            self._add(message)
         elif kind == "abort":
             self.engine.abort_request(message["id"])
             self.sent.pop(message["id"], None)
@@ -91,6 +109,25 @@ class EngineLoop:
             return False
         self.dirty = True
         return True
+
+    def _send_outputs(self, frame: dict[str, Any]) -> None:
+        """The step's outputs in one frame; if one item cannot be encoded, that request ends
+        with an error and the others still go out."""
+        try:
+            self.send(frame)
+            return
+        except (TypeError, ValueError, OverflowError):
+            logger.exception("an outputs frame could not be encoded; sending its items one by one")
+        good = []
+        for item in frame["outputs"]:
+            try:
+                encode({"type": "outputs", "outputs": [item]})
+                good.append(item)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.engine.abort_request(item["id"])
+                self.sent.pop(item["id"], None)
+                self._error(item["id"], f"the engine could not encode this request's output: {exc}", None, 500)
+        self.send({"type": "outputs", "outputs": good})
 
     def _outputs_frame(self, outputs: list[Any], step_start: float) -> dict[str, Any]:
         frames = []
@@ -138,7 +175,7 @@ class EngineLoop:
                 step_start = time.monotonic()
                 outputs = self.engine.step()
                 if outputs:
-                    self.send(self._outputs_frame(outputs, step_start))
+                    self._send_outputs(self._outputs_frame(outputs, step_start))
                 self.dirty = True
             now = time.monotonic()
             idle = not self.engine.has_unfinished_requests()

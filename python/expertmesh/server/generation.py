@@ -1,8 +1,9 @@
 """One request's life in the frontend: admission, the engine queue, metrics, and abort on exit.
 
-`Generation` is an async iterator of the engine's per-step items for one request. Leaving it
-early for any reason (client disconnect cancels the handler, a write fails, an error) aborts
-the request in the engine, which frees its KV blocks; that is the only cleanup path.
+`Generation` is an async iterator of the engine's per-step items for one prompt (n sequences).
+Whatever ends it -- the last item, a client disconnect cancelling the handler, a failed write,
+an engine error, the drain -- its exit releases the admission slot it held and aborts the
+request in the engine, which frees the request's KV blocks; that is the only cleanup path.
 """
 
 from __future__ import annotations
@@ -13,60 +14,67 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from expertmesh.server.engine_client import EngineClient, EngineDeadError, EngineRejected
+from expertmesh.errors import EngineDeadError
+from expertmesh.server.engine_client import EngineClient, EngineRejected, RequestCutOff
 from expertmesh.server.metrics import ServerMetrics
-from expertmesh.server.validation import APIError
+from expertmesh.server.validation import ErrorResponse
 
 
 @dataclass
 class AdmissionLimits:
-    max_waiting_requests: int = 512
+    """Sequences (prompts x n) and prompt tokens (x n) sent to the engine that have not
+    produced a token yet."""
+
+    max_waiting_seqs: int = 512
     max_waiting_tokens: int = 1 << 20
     retry_after_s: int = 1
 
 
 class Admission:
-    """Counts requests sent to the engine that have not produced a token yet (and their prompt
-    tokens). Past a limit a new request gets 429 with Retry-After instead of queueing forever;
-    one that would exceed a limit on its own gets 400 (`check_admissible`), as retrying is futile."""
+    """Counts what waits in the engine for its first token. Past a limit a new request gets 429
+    with Retry-After instead of queueing forever; one that would exceed a limit on its own gets
+    400 (`check_admissible`), as retrying is futile."""
 
     def __init__(self, limits: AdmissionLimits) -> None:
         self.limits = limits
-        self.waiting_requests = 0
+        self.waiting_seqs = 0
         self.waiting_tokens = 0
 
     def check_admissible(self, prompt_lens: list[int], n: int) -> None:
-        """400 (not 429) for a request that could never be admitted, even on an idle server:
-        retrying it would never succeed. `prompt_lens`: one entry per prompt of the request."""
+        """400 (not 429) for a request that could never be admitted, even on an idle server.
+        `prompt_lens`: one entry per prompt of the request; each prompt runs n sequences."""
         lim = self.limits
-        if len(prompt_lens) > lim.max_waiting_requests:
-            raise APIError(400, f"the request has {len(prompt_lens)} prompts, over the server's limit of "
-                                f"{lim.max_waiting_requests} waiting requests (--max-waiting-requests); "
-                                f"send fewer prompts per request", param="prompt", code="request_too_large")
+        seqs = len(prompt_lens) * n
+        if seqs > lim.max_waiting_seqs:
+            raise ErrorResponse(400, f"the request is {seqs} sequences ({len(prompt_lens)} prompt(s) x n={n}), over "
+                                     f"the server's limit of {lim.max_waiting_seqs} waiting sequences "
+                                     f"(--max-waiting-seqs); send fewer prompts or a lower n",
+                                param="n" if len(prompt_lens) == 1 else "prompt", code="request_too_large")
         cost = sum(prompt_lens) * n
         if cost > lim.max_waiting_tokens:
             what = (f"{prompt_lens[0]} prompt tokens" if len(prompt_lens) == 1
                     else f"{sum(prompt_lens)} prompt tokens over {len(prompt_lens)} prompts")
-            raise APIError(400, f"{what} x n={n} is {cost} waiting tokens, over the server's limit of "
-                                f"{lim.max_waiting_tokens} (--max-waiting-tokens); this request can never be "
-                                f"admitted: shorten the prompt or lower n", param="prompt" if n == 1 else "n",
-                           code="request_too_large")
+            raise ErrorResponse(400, f"{what} x n={n} is {cost} waiting tokens, over the server's limit of "
+                                     f"{lim.max_waiting_tokens} (--max-waiting-tokens); this request can never be "
+                                     f"admitted: shorten the prompt or lower n", param="prompt" if n == 1 else "n",
+                                code="request_too_large")
 
-    def admit(self, tokens: int) -> None:
+    def admit(self, seqs: int, tokens: int) -> None:
         lim = self.limits
         headers = {"Retry-After": str(lim.retry_after_s)}
-        if self.waiting_requests + 1 > lim.max_waiting_requests:
-            raise APIError(429, f"too many waiting requests: {self.waiting_requests} waiting, the limit is "
-                                f"{lim.max_waiting_requests}; retry later", code="too_many_waiting_requests", headers=headers)
+        if self.waiting_seqs + seqs > lim.max_waiting_seqs:
+            raise ErrorResponse(429, f"too many waiting sequences: {self.waiting_seqs} waiting plus {seqs} exceeds "
+                                     f"the limit of {lim.max_waiting_seqs}; retry later",
+                                code="too_many_waiting_requests", headers=headers)
         if self.waiting_tokens + tokens > lim.max_waiting_tokens:
-            raise APIError(429, f"too many waiting prompt tokens: {self.waiting_tokens} waiting plus {tokens} "
-                                f"exceeds the limit of {lim.max_waiting_tokens}; retry later",
-                           code="too_many_waiting_tokens", headers=headers)
-        self.waiting_requests += 1
+            raise ErrorResponse(429, f"too many waiting prompt tokens: {self.waiting_tokens} waiting plus {tokens} "
+                                     f"exceeds the limit of {lim.max_waiting_tokens}; retry later",
+                                code="too_many_waiting_tokens", headers=headers)
+        self.waiting_seqs += seqs
         self.waiting_tokens += tokens
 
-    def started(self, tokens: int) -> None:
-        self.waiting_requests -= 1
+    def started(self, seqs: int, tokens: int) -> None:
+        self.waiting_seqs -= seqs
         self.waiting_tokens -= tokens
 
 
@@ -78,26 +86,34 @@ class Generation:
         self.request_id = uuid.uuid4().hex
         self.arrival = time.monotonic()
         self.completion_tokens = 0
-        self._cost = len(prompt_ids) * params["n"]
+        self.error_code: str | None = None  # how the engine side ended, if not normally
+        self._seqs = int(params["n"])
+        self._cost = len(prompt_ids) * self._seqs
         self._queue: asyncio.Queue | None = None
         self._waiting = False
         self._finished = False
         self._last_token_at: float | None = None
 
-    async def __aenter__(self) -> "Generation":
-        self.admission.admit(self._cost)
+    async def __aenter__(self) -> Generation:
+        self.admission.admit(self._seqs, self._cost)
         self._waiting = True
         try:
             self._queue = await self.engine.add(self.request_id, self.prompt_ids, self.params)
         except EngineDeadError as exc:
             self._leave_waiting()
-            raise APIError(503, f"engine is not running: {exc}", code="engine_dead") from None
+            raise ErrorResponse(503, f"engine is not running: {exc}", code="engine_dead") from None
+        except ValueError as exc:  # the link could not encode it: a gap in validation, not the client's fault
+            self._leave_waiting()
+            raise ErrorResponse(500, str(exc), code="internal_error") from None
+        except BaseException:
+            self._leave_waiting()
+            raise
         return self
 
     def _leave_waiting(self) -> None:
         if self._waiting:
             self._waiting = False
-            self.admission.started(self._cost)
+            self.admission.started(self._seqs, self._cost)
 
     async def __aexit__(self, *exc: object) -> None:
         self._leave_waiting()
@@ -105,7 +121,7 @@ class Generation:
             # Cancelled (client gone), failed, or drained: free the engine's KV blocks now.
             await self.engine.abort(self.request_id)
 
-    def __aiter__(self) -> "Generation":
+    def __aiter__(self) -> Generation:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
@@ -113,16 +129,16 @@ class Generation:
             raise StopAsyncIteration
         assert self._queue is not None
         item = await self._queue.get()
-        if isinstance(item, EngineRejected):
-            self._finished = True  # the engine never queued it
-            raise APIError(400, item.message, param=item.param, code="invalid_value")
-        if isinstance(item, EngineDeadError):
-            self._finished = True
-            raise APIError(503, f"engine process died: {item}", code="engine_dead")
+        if isinstance(item, Exception):
+            self._finished = True  # the engine holds nothing of it any more
+            error = self._error(item)
+            self.error_code = error.code
+            raise error
         if any(s["finish_reason"] == "error" for s in item["seqs"]):
-            # The engine's forward pass failed for this request (it freed its blocks already).
+            # The engine failed while running this request (it freed its blocks already).
             self._finished = True
-            raise APIError(500, "the engine failed while running this request", code="engine_error")
+            self.error_code = "engine_error"
+            raise ErrorResponse(500, "the engine failed while running this request", code="engine_error")
         now = time.monotonic()
         if self._waiting:
             self._leave_waiting()
@@ -137,3 +153,14 @@ class Generation:
             reasons = [s["finish_reason"] for s in item["seqs"] if s["finish_reason"]]
             self.metrics.finished(len(self.prompt_ids), now - self.arrival, reasons[0] if reasons else "stop")
         return item
+
+    def _error(self, item: Exception) -> ErrorResponse:
+        if isinstance(item, EngineRejected):
+            code = "invalid_value" if item.status < 500 else "engine_error"
+            return ErrorResponse(item.status, item.message, param=item.param, code=code)
+        if isinstance(item, RequestCutOff):
+            return ErrorResponse(503, f"the server stopped this request before it finished: {item}",
+                                 code="shutting_down")
+        if isinstance(item, EngineDeadError):
+            return ErrorResponse(503, f"engine process died: {item}", code="engine_dead")
+        return ErrorResponse(500, f"{type(item).__name__}: {item}", code="internal_error")

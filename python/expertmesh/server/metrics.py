@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,7 +69,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, model: str, engine_stats: Any) -> None:
+    def __init__(self, model: str, engine_stats: Any, admission: Any = None) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -77,6 +77,9 @@ class ServerMetrics:
         self.generation_tokens = Counter("expertmesh:generation_tokens", "Tokens generated.", labels, registry=r)
         self.request_success = Counter("expertmesh:request_success", "Requests finished, by finish reason.",
                                        ["model_name", "finished_reason"], registry=r)
+        self.request_errors = Counter("expertmesh:request_errors", "Requests answered with an error, by HTTP status "
+                                      "and error code (errors inside a started stream included).",
+                                      ["model_name", "status", "code"], registry=r)
         self.ttft = Histogram("expertmesh:time_to_first_token_seconds", "Arrival to first token.", labels,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("expertmesh:inter_token_latency_seconds", "Time between output tokens.", labels,
@@ -88,6 +91,11 @@ class ServerMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.model = model
         r.register(_EngineCollector(engine_stats, model))
+        if admission is not None:  # what the frontend holds: back to 0 whenever it is idle
+            Gauge("expertmesh:frontend_waiting_seqs", "Sequences admitted that have no token yet.", labels,
+                  registry=r).labels(model).set_function(lambda: admission.waiting_seqs)
+            Gauge("expertmesh:frontend_waiting_tokens", "Prompt tokens (x n) admitted that have no token yet.", labels,
+                  registry=r).labels(model).set_function(lambda: admission.waiting_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -106,6 +114,9 @@ class ServerMetrics:
             # A frame can carry several tokens of one sequence; spread the gap over them.
             for _ in range(n):
                 self.itl.labels(self.model).observe(gap_seconds / n)
+
+    def error(self, status: int, code: str | None) -> None:
+        self.request_errors.labels(self.model, str(status), code or "none").inc()
 
     def finished(self, prompt_tokens: int, seconds: float, reason: str) -> None:
         self.prompt_tokens.labels(self.model).inc(prompt_tokens)

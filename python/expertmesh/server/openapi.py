@@ -1,9 +1,18 @@
-"""The OpenAPI 3.1 document served at /openapi.json, written by hand to match protocol.py.
-tests/test_server_api.py validates real responses against these schemas, so they cannot drift."""
+"""The OpenAPI 3.1 document served at /openapi.json.
+
+Request bodies are generated from the field declarations the validator reads
+(request_fields.py), with this server's limits filled in (vocabulary, context, sequences per
+request), so they cannot drift from what is accepted; tests/test_fuzz_server.py drives the
+server with bodies generated from this document and with bodies just outside it. Response
+schemas are written here to match protocol.py; tests validate real responses against them.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from expertmesh.limits import RequestLimits
+from expertmesh.server import request_fields as rf
 
 _NULLABLE_STR = {"type": ["string", "null"]}
 _USAGE = {
@@ -71,31 +80,56 @@ def _json(name: str, description: str) -> dict[str, Any]:
 
 
 _ERRORS = {str(code): _json("Error", text) for code, text in (
-    (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-    (413, "body over the size limit"), (429, "admission limit reached (see Retry-After)"),
+    (400, "invalid request: the body names the field, the limit and the value"), (401, "missing or wrong API key"),
+    (404, "unknown model"), (413, "body over the size limit"), (429, "admission limit reached (see Retry-After)"),
     (503, "draining or engine down"))}
+_SECURED = [{"bearer": []}]
 
 
-def _generate(name: str, summary: str) -> dict[str, Any]:
-    ok = _json(name, "the response, or with stream=true server-sent events of the same shape ending in [DONE]")
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _generate(request: str, response: str, summary: str) -> dict[str, Any]:
+    ok = _json(response, "the response, or with stream=true server-sent events of the same shape ending in [DONE]")
     ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
-    return {"post": {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object"}}}}, "responses": {"200": ok, **_ERRORS}}}
+    return {"post": {"summary": summary, "requestBody": _body(request), "security": _SECURED,
+                     "responses": {"200": ok, **_ERRORS}}}
 
 
-def document() -> dict[str, Any]:
+def request_schemas(limits: RequestLimits | None) -> dict[str, dict[str, Any]]:
+    """The request bodies' schemas, from the declarations the validator reads."""
+    return {
+        "CompletionRequest": rf.body_schema(rf.COMPLETION_FIELDS, limits, ("prompt",)),
+        "ChatCompletionRequest": rf.body_schema(rf.CHAT_FIELDS, limits, ("messages",)),
+        "TokenizeRequest": rf.body_schema(rf.TOKENIZE_FIELDS, limits, ()),
+        "DetokenizeRequest": rf.body_schema(rf.DETOKENIZE_FIELDS, limits, ("tokens",)),
+    }
+
+
+def document(limits: RequestLimits | None = None) -> dict[str, Any]:
+    """The whole document; `limits` fills in this server's bounds (None: the core's)."""
+    secured = {"security": _SECURED}
     return {
         "openapi": "3.1.0",
         "info": {"title": "expertmesh", "version": "1", "description": "OpenAI-compatible MoE inference server"},
         "paths": {
-            "/v1/completions": _generate("Completion", "text completion"),
-            "/v1/chat/completions": _generate("ChatCompletion", "chat completion with the model's chat template"),
-            "/v1/models": {"get": {"responses": {"200": _json("ModelList", "served models")}}},
+            "/v1/completions": _generate("CompletionRequest", "Completion", "text completion"),
+            "/v1/chat/completions": _generate("ChatCompletionRequest", "ChatCompletion",
+                                              "chat completion with the model's chat template"),
+            "/v1/models": {"get": {**secured, "responses": {"200": _json("ModelList", "served models"),
+                                                            "401": _ERRORS["401"]}}},
             "/health": {"get": {"responses": {"200": _json("Health", "ready"), "503": _json("Health", "not ready")}}},
-            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/tokenize": {"post": {"responses": {"200": _json("Tokenized", "token ids"), **_ERRORS}}},
-            "/detokenize": {"post": {"responses": {"200": _json("Detokenized", "text"), **_ERRORS}}},
+            "/metrics": {"get": {"description": "open unless the server runs with --protect-metrics",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               "401": _ERRORS["401"]}}},
+            "/tokenize": {"post": {**secured, "requestBody": _body("TokenizeRequest"),
+                                   "responses": {"200": _json("Tokenized", "token ids"), **_ERRORS}}},
+            "/detokenize": {"post": {**secured, "requestBody": _body("DetokenizeRequest"),
+                                     "responses": {"200": _json("Detokenized", "text"), **_ERRORS}}},
         },
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, **request_schemas(limits)},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "required when the server runs with --api-key"}}},
     }

@@ -1,8 +1,18 @@
-"""`expertmesh serve`: start the engine process, serve HTTP, drain on SIGTERM.
+"""`expertmesh serve`: start the engine process, serve HTTP, drain on SIGTERM, exit when the
+engine dies.
 
 Drain: on SIGTERM (or SIGINT) new requests get 503 and /health turns 503 while requests in
-flight run to the end; after --drain-timeout seconds the rest are cancelled (their streams end,
-their engine requests are aborted). Then the engine process is asked to exit.
+flight run to the end; after --drain-timeout seconds the rest are cut off (each gets a 503
+error, in its stream if it has one, and its engine request is aborted), then the engine is
+asked to exit. The whole shutdown takes about --drain-timeout plus a second or two, and the
+log says how many requests ran to the end and how many were cut off.
+
+Engine death (its process exits, it stops answering for --engine-timeout while requests wait,
+or it sends a frame the link cannot use): every request in flight gets an error at once, and
+the server exits with status 3 (EXIT_ENGINE_DIED) so that its supervisor -- systemd,
+Kubernetes, a shell loop -- restarts it. We do not restart the engine in-process: a crash that
+repeats would loop silently, and the supervisor owns backoff and alerting (vLLM's API server
+exits the same way).
 """
 
 from __future__ import annotations
@@ -18,10 +28,14 @@ import time
 from aiohttp import web
 
 from expertmesh.config import EngineConfig
+from expertmesh.limits import DEFAULT_MAX_SEQS_PER_REQUEST
 from expertmesh.server.app import ServerState, build_app
-from expertmesh.server.engine_client import EngineClient
+from expertmesh.server.engine_client import DEFAULT_ENGINE_TIMEOUT_S, EngineClient
 from expertmesh.server.generation import AdmissionLimits
 from expertmesh.tokenizer import CheckpointTokenizer
+
+EXIT_ENGINE_DIED = 3
+_HANDLER_GRACE_S = 2.0  # for cut-off or failed handlers to write their last chunk
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -29,27 +43,44 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on API routes (default: $EXPERTMESH_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /openapi.json "
+                        "(and /metrics, unless --protect-metrics) (default: $EXPERTMESH_API_KEY)")
+    g.add_argument("--protect-metrics", action="store_true", help="with --api-key, /metrics needs the key too")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
-    g.add_argument("--max-waiting-requests", type=int, default=512, help="past this, 429 with Retry-After")
-    g.add_argument("--max-waiting-tokens", type=int, default=1 << 20, help="waiting prompt tokens; past this, 429")
+    g.add_argument("--max-waiting-seqs", "--max-waiting-requests", dest="max_waiting_seqs", type=int, default=512,
+                   help="sequences (prompts x n) waiting for their first token; past this, 429 with Retry-After")
+    g.add_argument("--max-waiting-tokens", type=int, default=1 << 20,
+                   help="waiting prompt tokens (x n); past this, 429")
+    g.add_argument("--max-num-seqs-per-request", type=int, default=DEFAULT_MAX_SEQS_PER_REQUEST,
+                   help="prompts x n one request may ask for; more is a 400")
     g.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    g.add_argument("--engine-timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S,
+                   help="seconds a busy engine may stay silent (it reports after every step) before it is "
+                        "declared dead")
+
+
+async def _wait_handlers(state: ServerState, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while state.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 async def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    engine = EngineClient()
+    engine = EngineClient(engine_timeout_s=args.engine_timeout)
     engine_config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     engine_config["show_progress"] = False
     await engine.start(engine_config)
     from expertmesh import default_model
 
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else default_model.NAME)
-    limits = AdmissionLimits(args.max_waiting_requests, args.max_waiting_tokens)
-    state = ServerState(engine, CheckpointTokenizer.from_dir(config.model_path), name, args.api_key, limits)
+    state = ServerState(engine, CheckpointTokenizer.from_dir(config.model_path), name, args.api_key,
+                        AdmissionLimits(args.max_waiting_seqs, args.max_waiting_tokens), args.max_num_seqs_per_request,
+                        args.protect_metrics)
     app = build_app(state, args.max_body_bytes)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # A short shutdown_timeout: the drain below already waited for the handlers.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_HANDLER_GRACE_S)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     print(f"expertmesh: serving {name!r} on http://{args.host}:{args.port} (engine pid {engine.process.pid})",
@@ -59,17 +90,30 @@ async def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(engine.dead.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
     state.draining = True
-    deadline = time.monotonic() + args.drain_timeout
-    print(f"expertmesh: draining {state.in_flight} request(s), up to {args.drain_timeout:.0f} s", flush=True)
-    while state.in_flight and time.monotonic() < deadline and engine.alive:
-        await asyncio.sleep(0.05)
-    left = state.in_flight
-    await runner.cleanup()  # cancels what is left: each cancelled handler aborts its request
+
+    if stop.is_set() and engine.alive:
+        draining = state.in_flight
+        print(f"expertmesh: draining {draining} request(s), up to {args.drain_timeout:g} s", flush=True)
+        deadline = time.monotonic() + args.drain_timeout
+        while state.in_flight and time.monotonic() < deadline and engine.alive:
+            await asyncio.sleep(0.05)
+        if state.in_flight and engine.alive:
+            await engine.cut_off(f"the shutdown drain timeout ({args.drain_timeout:g} s) ran out")
+    await _wait_handlers(state, _HANDLER_GRACE_S)
+    await runner.cleanup()
+    died = engine.dead.is_set()
     await engine.close()
-    print(f"expertmesh: stopped ({left} request(s) cut off by the drain timeout)", flush=True)
+    if died:
+        print(f"expertmesh: exiting with status {EXIT_ENGINE_DIED} after the engine died ({engine.dead_reason}); "
+              f"{state.failed_by_engine} request(s) in flight got an error", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_DIED
+    print(f"expertmesh: stopped: {draining - state.cut_off_requests} request(s) ended during the drain, "
+          f"{state.cut_off_requests} cut off by the drain timeout", flush=True)
     return 0
 
 
