@@ -66,8 +66,9 @@ BAD_VALUES = [
     ({"top_p": 1.5}, "top_p", "top_p must be in (0, 1], got 1.5"),
     ({"top_p": -0.1}, "top_p", "(0, 1]"),
     ({"top_p": math.nan}, "top_p", "finite"),
-    ({"top_k": -2}, "top_k", "top_k must be -1 or 0 (off) or >= 1, got -2"),
+    ({"top_k": -2}, "top_k", "top_k must be -1 or 0 (off) or in [1, 9223372036854775807], got -2"),
     ({"top_k": 2.5}, "top_k", "top_k must be an integer"),
+    ({"top_k": 2**63}, "top_k", "got 9223372036854775808"),  # the engine link carries 64-bit ints
     ({"min_p": -0.5}, "min_p", "min_p must be in [0, 1], got -0.5"),
     ({"min_p": 1.01}, "min_p", "[0, 1]"),
     ({"min_p": math.inf}, "min_p", "finite"),

@@ -25,6 +25,9 @@ def test_errors_map_from_status_and_body():
     assert errors.from_response(429, body, "3").retry_after == 3.0
     assert isinstance(errors.from_response(503, "oops"), errors.ServiceUnavailableError)
     assert type(errors.from_response(418, {})) is errors.APIError
+    from expertmesh.errors import ExpertMeshError  # one hierarchy: the SDK's errors too
+
+    assert isinstance(err, ExpertMeshError) and not isinstance(err, ValueError)
 
 
 def test_request_bodies_round_trip_through_the_server_parser():

@@ -74,7 +74,7 @@ BAD = [
     # One request fanning out to 512 prompts x n=128 sequences; admission used to count prompts.
     (json.dumps({"prompt": ["a"] * 512, "n": 128}), "/v1/completions", "prompt", "over the limit of 64"),
     (json.dumps({"prompt": ["a"] * 8, "n": 16}), "/v1/completions", "prompt", "128 sequences"),
-    (json.dumps({"prompt": "a", "n": 100}), "/v1/completions", "n", "100 sequences"),
+    (json.dumps({"prompt": "a", "n": 100}), "/v1/completions", "n", "n must be in [1, 64], got 100"),
     (json.dumps({"messages": [{"role": "user", "content": "a"}], "n": 65}), "/v1/chat/completions", "n", "65"),
     (json.dumps({"tokens": [1, 2**40]}), "/detokenize", "tokens[1]", str(2**40)),
 ]

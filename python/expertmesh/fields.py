@@ -54,6 +54,7 @@ class Field:
     name: str
     doc: str
     default: Any = None
+    required: bool = False  # absent or null is an error, not the default
 
     def check(self, value: Any, limits: RequestLimits | None = None, *, param: str | None = None,
               from_json: bool = False) -> Any:
@@ -65,7 +66,9 @@ class Field:
         raise NotImplementedError
 
     def schema(self, limits: RequestLimits | None) -> dict[str, Any]:
-        out = _nullable(self.value_schema(limits))
+        out = self.value_schema(limits)
+        if not self.required:
+            out = _nullable(out)
         out["description"] = self.doc
         if self.default is not None:
             out["default"] = self.default
@@ -74,6 +77,8 @@ class Field:
     def read(self, body: dict[str, Any], limits: RequestLimits | None = None) -> Any:
         """The field from a parsed JSON body; absent or null gives the default."""
         value = body.get(self.name)
+        if value is None and self.required:
+            raise self.fail(None, f"{self.name} is required", None)
         return self.default if value is None else self.check(value, limits, from_json=True)
 
     def fail(self, param: str | None, message: str, value: Any) -> InvalidRequestError:
@@ -213,11 +218,14 @@ class TokenIdsField(Field):
             raise self.fail(param, f"{param} must hold at least {self.min_items} token id(s), got {len(value)}",
                             len(value))
         hi = max_token_id(limits)
-        for i, token in enumerate(value):
+        out = list(value)
+        for i, token in enumerate(out):
+            if from_json and isinstance(token, float) and token.is_integer():
+                out[i] = token = int(token)  # JSON Schema's integer: 7.0 is 7
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= hi:
                 raise self.fail(f"{param}[{i}]", f"{param}[{i}] must be a token id in [0, {hi}], got {short(token)}",
                                 token)
-        return list(value)
+        return out
 
     def value_schema(self, limits):
         out: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0,

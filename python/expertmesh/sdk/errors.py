@@ -1,12 +1,16 @@
 """Exceptions the SDK raises, one per HTTP status family, built from the server's OpenAI error
-body ({"error": {"message", "type", "param", "code"}})."""
+body ({"error": {"message", "type", "param", "code"}}). They are the client's view of the
+server's `expertmesh.server.validation.ErrorResponse`, and part of the one hierarchy under
+`expertmesh.errors.ExpertMeshError`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from expertmesh.errors import ExpertMeshError
 
-class APIError(Exception):
+
+class APIError(ExpertMeshError):
     """An error answer from the server (or an error chunk inside a stream)."""
 
     status: int | None = None

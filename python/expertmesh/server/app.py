@@ -101,7 +101,8 @@ async def _errors_and_auth(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = ErrorResponse(exc.status, exc.reason or "error", code=None)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 names the methods
+        error = ErrorResponse(exc.status, exc.reason or "error", code=None, headers=allow)
     except (ConnectionError, asyncio.CancelledError):
         raise  # the client went away: nobody to answer
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug ends this request, not the server
@@ -216,8 +217,6 @@ async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     values = _read(await _json_body(request), rf.DETOKENIZE_FIELDS, "/detokenize", state.limits)
     _check_model(state, values["model"])
-    if values["tokens"] is None:
-        raise InvalidRequestError("tokens must be a list of token ids", param="tokens", value=None)
     return web.json_response({"prompt": state.tokenizer.decode(values["tokens"])})
 
 

@@ -92,7 +92,9 @@ def _body(name: str) -> dict[str, Any]:
 
 def _generate(request: str, response: str, summary: str) -> dict[str, Any]:
     ok = _json(response, "the response, or with stream=true server-sent events of the same shape ending in [DONE]")
-    ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    # OpenAPI 3.1 reads an event stream's schema as one event's (3.2's itemSchema).
+    ok["content"]["text/event-stream"] = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": f"a JSON chunk of {response}'s shape, an Error body, or [DONE]"}}}}
     return {"post": {"summary": summary, "requestBody": _body(request), "security": _SECURED,
                      "responses": {"200": ok, **_ERRORS}}}
 
@@ -100,10 +102,10 @@ def _generate(request: str, response: str, summary: str) -> dict[str, Any]:
 def request_schemas(limits: RequestLimits | None) -> dict[str, dict[str, Any]]:
     """The request bodies' schemas, from the declarations the validator reads."""
     return {
-        "CompletionRequest": rf.body_schema(rf.COMPLETION_FIELDS, limits, ("prompt",)),
-        "ChatCompletionRequest": rf.body_schema(rf.CHAT_FIELDS, limits, ("messages",)),
-        "TokenizeRequest": rf.body_schema(rf.TOKENIZE_FIELDS, limits, ()),
-        "DetokenizeRequest": rf.body_schema(rf.DETOKENIZE_FIELDS, limits, ("tokens",)),
+        "CompletionRequest": rf.body_schema(rf.COMPLETION_FIELDS, limits),
+        "ChatCompletionRequest": {**rf.body_schema(rf.CHAT_FIELDS, limits), **rf.TOP_LOGPROBS_RULE},
+        "TokenizeRequest": {**rf.body_schema(rf.TOKENIZE_FIELDS, limits), "anyOf": rf.TOKENIZE_ONE_OF},
+        "DetokenizeRequest": rf.body_schema(rf.DETOKENIZE_FIELDS, limits),
     }
 
 

@@ -102,8 +102,7 @@ class ChatCompletionRequest(_Request):
         values = cls._read(body, rf.CHAT_FIELDS, "/v1/chat/completions", limits)
         if values["max_completion_tokens"] is not None:
             values["max_tokens"] = values["max_completion_tokens"]
-        if values["top_logprobs"] is not None and not values["logprobs"]:
-            raise rf.TOP_LOGPROBS.fail(None, "top_logprobs needs logprobs set to true", values["top_logprobs"])
+        rf.check_top_logprobs(values)
         if limits is not None:
             limits.check_num_seqs(1, values["n"])
         return cls(messages=values["messages"], logprobs=values["logprobs"], top_logprobs=values["top_logprobs"],

@@ -46,8 +46,7 @@ class PromptField(Field):
                     what = "string" if kind is str else "list of token ids"
                     raise self.fail(f"prompt[{i}]", f"prompt[{i}] must be a {what} like prompt[0] (a batch cannot mix "
                                                     f"the two), got {type(p).__name__}", None)
-                self._one(p, limits, f"prompt[{i}]" if len(value) > 1 else "prompt")
-            return list(value)
+            return [self._one(p, limits, f"prompt[{i}]" if len(value) > 1 else "prompt") for i, p in enumerate(value)]
         if not isinstance(value, (str, list)):
             raise self.fail("prompt", f"prompt must be a string, a list of token ids, or a list of several of one of "
                                       f"those, got {type(value).__name__} {short(value)}", None)
@@ -57,7 +56,7 @@ class PromptField(Field):
         if len(prompt) == 0:
             raise self.fail(param, f"{param} must not be empty", prompt)
         if isinstance(prompt, list):
-            return TokenIdsField(param, "").check(prompt, limits)
+            return TokenIdsField(param, "").check(prompt, limits, from_json=True)
         return prompt
 
     def value_schema(self, limits):
@@ -68,9 +67,6 @@ class PromptField(Field):
         batch = {"minItems": 1, **({} if limits is None else {"maxItems": limits.max_seqs_per_request})}
         return {"anyOf": [text, ids, {"type": "array", "items": text, **batch},
                           {"type": "array", "items": ids, **batch}]}
-
-    def schema(self, limits):  # required, so not nullable
-        return {**self.value_schema(limits), "description": self.doc}
 
 
 @dataclass(frozen=True)
@@ -120,9 +116,6 @@ class MessagesField(Field):
         }, "additionalProperties": {"enum": [None, [], ""]}}
         return {"type": "array", "items": message, "minItems": 1}
 
-    def schema(self, limits):
-        return {**self.value_schema(limits), "description": self.doc}
-
 
 @dataclass(frozen=True)
 class StreamOptionsField(Field):
@@ -160,20 +153,19 @@ MODEL = StrField("model", "the served model's id (see /v1/models); absent: the o
 STREAM = BoolField("stream", "answer with server-sent events ending in [DONE]", False)
 STREAM_OPTIONS = StreamOptionsField("stream_options", "options of a streamed answer")
 USER = StrField("user", "an end-user id; accepted, has no effect")
-N = replace(SAMPLING["n"], hi=MAX_N)
+N = replace(SAMPLING["n"], hi=lambda limits: MAX_N if limits is None else min(MAX_N, limits.max_seqs_per_request))
 MAX_TOKENS = replace(SAMPLING["max_tokens"], hi=_context_bound,
                      doc="most tokens to generate; prompt plus max_tokens must fit the context")
 CHAT_MAX_TOKENS = replace(MAX_TOKENS, default=None, doc="most tokens to generate; absent: what the context leaves")
 MAX_COMPLETION_TOKENS = replace(CHAT_MAX_TOKENS, name="max_completion_tokens", doc="OpenAI's newer name of max_tokens")
-STOP_TOKEN_IDS = SAMPLING["stop_token_ids"]
 # vLLM's sampling extensions, accepted with the same names and meaning.
 EXTRA_SAMPLING = tuple(SAMPLING[k] for k in ("top_k", "min_p", "ignore_eos", "stop_token_ids",
                                              "include_stop_str_in_output", "skip_special_tokens"))
 COMMON = (MODEL, MAX_TOKENS, SAMPLING["temperature"], SAMPLING["top_p"], N, SAMPLING["stop"], SAMPLING["seed"],
           STREAM, STREAM_OPTIONS, USER, *EXTRA_SAMPLING)
-PROMPT = PromptField("prompt", "a string, a list of token ids, or a batch of several of one of those")
+PROMPT = PromptField("prompt", "a string, a list of token ids, or a batch of several of one of those", required=True)
 COMPLETION_LOGPROBS = replace(SAMPLING["logprobs"], hi=MAX_COMPLETION_LOGPROBS)
-MESSAGES = MessagesField("messages", "the conversation, rendered with the model's chat template")
+MESSAGES = MessagesField("messages", "the conversation, rendered with the model's chat template", required=True)
 CHAT_LOGPROBS = BoolField("logprobs", "return the sampled tokens' log-probabilities", False)
 TOP_LOGPROBS = IntField("top_logprobs", "with logprobs: also this many most likely tokens per step", None, lo=0,
                         hi=MAX_TOP_LOGPROBS)
@@ -188,7 +180,7 @@ _PENALTIES = (_neutral("presence_penalty", "0", 0), _neutral("frequency_penalty"
 COMPLETION_FIELDS: tuple[Field, ...] = (
     PROMPT, *COMMON, COMPLETION_LOGPROBS, *_PENALTIES, _neutral("echo", "false", False),
     _neutral("suffix", "an empty string", ""),
-    BestOfField("best_of", "not supported: only equal to n is accepted", None),
+    BestOfField("best_of", "not supported: only equal to n is accepted", None, lo=1, hi=MAX_N),
 )
 CHAT_FIELDS: tuple[Field, ...] = (
     MESSAGES, *(f for f in COMMON if f is not MAX_TOKENS), CHAT_MAX_TOKENS, MAX_COMPLETION_TOKENS, CHAT_LOGPROBS,
@@ -197,8 +189,22 @@ CHAT_FIELDS: tuple[Field, ...] = (
     _neutral("function_call", '"none"', "none"), _neutral("response_format", '{"type": "text"}', {"type": "text"}),
 )
 TOKENIZE_FIELDS: tuple[Field, ...] = (MODEL, StrField("prompt", "text to tokenize (or give messages)"),
-                                      replace(MESSAGES, doc="a conversation to render and tokenize (or give prompt)"))
-DETOKENIZE_FIELDS: tuple[Field, ...] = (MODEL, TokenIdsField("tokens", "token ids to turn into text"))
+                                      replace(MESSAGES, doc="a conversation to render and tokenize (or give prompt)",
+                                              required=False))
+# Chat: top_logprobs needs logprobs set to true; checked by check_top_logprobs, published as:
+TOP_LOGPROBS_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+                     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
+
+
+def check_top_logprobs(values: dict[str, Any]) -> None:
+    if values["top_logprobs"] is not None and not values["logprobs"]:
+        raise TOP_LOGPROBS.fail(None, "top_logprobs needs logprobs set to true", values["top_logprobs"])
+
+
+# /tokenize needs one of the two (checked by the route): the schema says so too.
+TOKENIZE_ONE_OF = [{"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                   {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]
+DETOKENIZE_FIELDS: tuple[Field, ...] = (MODEL, TokenIdsField("tokens", "token ids to turn into text", required=True))
 
 
 def check_known(body: dict[str, Any], fields: tuple[Field, ...], path: str) -> None:
@@ -210,9 +216,9 @@ def check_known(body: dict[str, Any], fields: tuple[Field, ...], path: str) -> N
                                              f"got {short(value)}", value)
 
 
-def body_schema(fields: tuple[Field, ...], limits: RequestLimits | None, required: tuple[str, ...]) -> dict[str, Any]:
+def body_schema(fields: tuple[Field, ...], limits: RequestLimits | None) -> dict[str, Any]:
     """The JSON Schema of a request body made of `fields` (what /openapi.json publishes)."""
-    return {"type": "object", "required": list(required),
+    return {"type": "object", "required": [f.name for f in fields if f.required],
             "properties": {f.name: f.schema(limits) for f in fields},
             "additionalProperties": {"type": "null"}}
 
