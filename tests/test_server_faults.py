@@ -71,6 +71,7 @@ def test_sigterm_drains_in_flight_then_exits(tmp_path):
         assert usage["completion_tokens"] == 1000  # the in-flight stream ran to its end
         assert srv.proc.wait(30) == 0, srv.log()
         assert "1 request(s) ended during the drain, 0 cut off" in srv.log(), srv.log()
+        assert "engine is dead" not in srv.log()  # a planned stop is not reported as a death
         wait_until(lambda: _exited(srv.engine_pid), 10, "the engine process to exit")
     finally:
         srv.stop()

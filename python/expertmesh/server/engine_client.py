@@ -52,6 +52,7 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self._last_frame_at = time.monotonic()
         self._busy_since = time.monotonic()  # when the first of the requests now in flight was added
+        self._closing = False  # close() asked the engine to exit: its link closing is no death
         self.on_stats = None  # optional callback(stats), e.g. the metrics' last-seen time
 
     @property
@@ -99,6 +100,8 @@ class EngineClient:
         except asyncio.CancelledError:
             raise
         except (LinkClosed, ConnectionError) as exc:
+            if self._closing:
+                return
             code = self.process.poll() if self.process else None
             self._die(f"engine process exited (code {code}): {exc}")
         except Exception as exc:  # noqa: BLE001 - a frame we cannot use: the link cannot be trusted
@@ -138,7 +141,7 @@ class EngineClient:
             if silent > self.engine_timeout_s:
                 self._die(f"engine sent nothing for {silent:.1f} s while {len(self._queues)} request(s) waited "
                           f"on it (--engine-timeout {self.engine_timeout_s:g})")
-            elif self.process is not None and self.process.poll() is not None:
+            elif self.process is not None and self.process.poll() is not None and not self._closing:
                 self._die(f"engine process exited (code {self.process.returncode})")
 
     def _die(self, reason: str) -> None:
@@ -207,6 +210,7 @@ class EngineClient:
         """Ask the engine to exit; kill it if it does not within `timeout`."""
         if self.process is None:
             return
+        self._closing = True
         if self.alive:
             try:
                 await self._send(encode({"type": "shutdown"}))
@@ -222,5 +226,5 @@ class EngineClient:
         if self._writer is not None:
             self._writer.close()
         if self.dead_reason is None:
-            self.dead_reason = "engine stopped"
+            self.dead_reason = "engine stopped"  # set first: a planned stop is not logged as a death
         self._die(self.dead_reason)
