@@ -54,7 +54,8 @@ from expertmesh.parallel.transport import Received, Transport, as_bytes, from_by
 _NUM_PHASES = 2
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie counts as dead)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead too
@@ -259,7 +260,7 @@ class ShmTransport(Transport):
             if now - last_check > 0.5:
                 last_check = now
                 missing = [s for s in range(self.world_size) if flags[s] != want]
-                dead = [s for s in missing if not _alive(int(self._pids[s]))]
+                dead = [s for s in missing if not alive(int(self._pids[s]))]
                 if dead:
                     self._closed = True
                     raise CollectiveError(
