@@ -13,7 +13,7 @@ import time
 import pytest
 
 from expertmesh import LLM, InvalidRequestError, SamplingParams
-from expertmesh.engine.ep_engine import _add_or_fail
+from expertmesh.engine.dp_engine import _add_or_fail
 from expertmesh.errors import CoreError, EngineDeadError
 from expertmesh.server.engine_client import EngineClient
 from expertmesh.server.engine_process import EngineLoop

@@ -114,7 +114,7 @@ def test_ep2_shared_memory_equals_single_rank(mixtral_dir, reference):
         load = llm.expert_load()
         assert len(load["rank_tokens"]) == 2 and all(len(layer) == 2 for layer in load["rank_tokens"])
         assert all(sum(layer) > 0 for layer in load["rank_tokens"])
-        assert engine.pick_rank(prompts[3]) == engine.pick_rank(prompts[4])
+        assert engine.pick_replica(prompts[3]) == engine.pick_replica(prompts[4])
 
 
 def test_ep4_torch_transport_equals_single_rank(mixtral_dir, reference):
@@ -127,8 +127,8 @@ def test_dead_rank_fails_cleanly(mixtral_dir):
     llm = LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2, ep_timeout_s=20)
     try:
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
-        llm.engine.procs[0].kill()
-        llm.engine.procs[0].wait()
+        llm.engine.runner.rank.procs[0].kill()
+        llm.engine.runner.rank.procs[0].wait()
         start = time.monotonic()
         with pytest.raises(CollectiveError, match="rank 1"):
             llm.generate([[5, 6, 7], [8, 9, 10]], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -143,22 +143,23 @@ def test_idle_longer_than_the_collective_timeout_keeps_the_ranks_alive(mixtral_d
     with LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2, ep_timeout_s=2) as llm:
         first = _run(llm, [[5, 6, 7], [8, 9, 10]])
         time.sleep(4)
-        assert all(proc.poll() is None for proc in llm.engine.procs)
+        assert all(proc.poll() is None for proc in llm.engine.runner.rank.procs)
         assert _run(llm, [[5, 6, 7], [8, 9, 10]]) == first
 
 
-def test_torchrun_launch_equals_single_rank(mixtral_dir, tmp_path):
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["-tp", "2"]])
+def test_torchrun_launch_equals_single_rank(mixtral_dir, tmp_path, layout):
     # Under torchrun every process runs the CLI; ranks form their groups from the env://
     # variables and only rank 0 prints.
-    def generate(prefix: list[str], ep: int) -> str:
+    def generate(prefix: list[str], flags: list[str]) -> str:
         argv = [*prefix, "-m", "expertmesh.cli", "generate", "--model", str(mixtral_dir), "--prompt", "The experts",
-                "--max-tokens", "6", "--ignore-eos", "--max-model-len", "256", "--kv-cache-blocks", "64",
-                "--ep", str(ep)]
+                "--max-tokens", "6", "--ignore-eos", "--max-model-len", "256", "--kv-cache-blocks", "64", *flags]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [line for line in proc.stdout.splitlines() if line.startswith("output[")][0]
 
-    single = generate([sys.executable], 1)
+    single = generate([sys.executable], [])
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    launched = generate([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port())], 2)
+    launched = generate([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port())], layout)
     assert launched == single
+    assert generate([sys.executable], layout) == single  # ranks started by rank 0 itself

@@ -22,10 +22,18 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
-    par = parser.add_argument_group("expert parallelism")
-    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (starts the rank processes itself)")
+    par = parser.add_argument_group("parallelism (vLLM's spellings; the rank processes are started here)")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="split every layer over N ranks")
+    par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                     help="replicas of the TP ranks, each with its own requests (needs --enable-expert-parallel)")
+    par.add_argument("--enable-expert-parallel", action="store_true",
+                     help="split the experts over all TP x DP ranks instead of splitting each expert over TP")
+    par.add_argument("--ep", type=int, default=1,
+                     help="short for --data-parallel-size EP --enable-expert-parallel")
+    par.add_argument("--allreduce", default="auto", choices=["auto", "shm", "torch"],
+                     help="TP allreduce: auto = shared memory (DDA) for CPU ranks on one host, else torch.distributed")
     par.add_argument("--ep-transport", default="auto", choices=["auto", "shm", "torch"],
-                     help="auto: shared memory for CPU ranks on one host, else torch.distributed")
+                     help="EP all-to-all: auto = shared memory for CPU ranks on one host, else torch.distributed")
     par.add_argument("--ep-max-tokens-per-rank", type=int, default=None,
                      help="tokens per rank per all-to-all call (bigger steps are split)")
 
@@ -39,7 +47,11 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         expert_parallel_size=args.ep,
+        allreduce=args.allreduce,
         ep_transport=args.ep_transport,
         ep_max_tokens_per_rank=args.ep_max_tokens_per_rank,
     )

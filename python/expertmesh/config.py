@@ -8,6 +8,7 @@ from pathlib import Path
 
 from expertmesh.errors import InvalidRequestError
 from expertmesh.models.loader import DTYPES
+from expertmesh.parallel.layout import ParallelConfig
 
 
 def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -39,15 +40,23 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    # Expert parallelism (parallel/): ranks, the transport ("auto": shared memory for CPU ranks
-    # on one host, else torch.distributed), tokens per rank per all-to-all call (None: the
-    # step's token budget; bigger steps are split) and how long a collective may wait.
+    # The parallel layout (parallel/layout.py): world size = TP x DP; with expert parallelism
+    # the experts are split over all of them. expert_parallel_size=R is the older spelling of
+    # data_parallel_size=R with enable_expert_parallel. The transports ("auto": shared memory
+    # for CPU ranks on one host, else torch.distributed) of the allreduce (TP) and all-to-all
+    # (EP), tokens per rank per all-to-all call (None: the step's token budget; bigger steps
+    # are split) and how long a collective may wait.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     expert_parallel_size: int = 1
+    allreduce: str = "auto"
     ep_transport: str = "auto"
     ep_max_tokens_per_rank: int | None = None
     ep_timeout_s: float = 60.0
     show_progress: bool = True
     model_path: Path = field(init=False)
+    parallel: ParallelConfig = field(init=False)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
@@ -55,11 +64,20 @@ class EngineConfig:
         _positive("max_model_len", self.max_model_len, allow_none=True)
         _positive("expert_parallel_size", self.expert_parallel_size)
         _positive("ep_max_tokens_per_rank", self.ep_max_tokens_per_rank, allow_none=True)
-        if self.ep_transport not in ("auto", "shm", "torch"):
-            raise InvalidRequestError(
-                f"ep_transport must be 'auto', 'shm' or 'torch', got {self.ep_transport!r}",
-                param="ep_transport", value=self.ep_transport,
-            )
+        for name in ("ep_transport", "allreduce"):
+            if getattr(self, name) not in ("auto", "shm", "torch"):
+                raise InvalidRequestError(f"{name} must be 'auto', 'shm' or 'torch', got {getattr(self, name)!r}",
+                                          param=name, value=getattr(self, name))
+        if self.expert_parallel_size > 1:
+            if self.data_parallel_size not in (1, self.expert_parallel_size) or self.tensor_parallel_size != 1:
+                raise InvalidRequestError(
+                    f"expert_parallel_size={self.expert_parallel_size} means data_parallel_size="
+                    f"{self.expert_parallel_size} with expert parallelism on; it cannot be combined with "
+                    f"tensor_parallel_size={self.tensor_parallel_size}, data_parallel_size={self.data_parallel_size} "
+                    f"(use enable_expert_parallel with those instead)",
+                    param="expert_parallel_size", value=self.expert_parallel_size)
+            self.data_parallel_size, self.enable_expert_parallel = self.expert_parallel_size, True
+        self.parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
         _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(

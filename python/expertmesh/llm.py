@@ -8,7 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 from expertmesh.config import EngineConfig
-from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.factory import Engine, make_engine
 from expertmesh.errors import InvalidRequestError
 from expertmesh.outputs import RequestOutput
 from expertmesh.sampling_params import SamplingParams
@@ -26,26 +26,20 @@ class LLM:
     Keyword arguments are EngineConfig fields (dtype, max_model_len, block_size,
     kv_cache_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, ...).
 
-    expert_parallel_size=R > 1 runs the model over R rank processes (this one is rank 0 and
-    starts the others; under torchrun every process is a rank, and on ranks > 0 the
-    constructor serves rank 0 until it closes, then exits the process). Call close() (or use
+    tensor_parallel_size=N splits every layer over N rank processes; data_parallel_size=D with
+    enable_expert_parallel=True runs D replicas with the experts split over all N x D ranks
+    (expert_parallel_size=R is short for D=R with expert parallelism). This process is rank 0
+    and starts the others; under torchrun every process is a rank, and on ranks > 0 the
+    constructor serves rank 0 until it closes, then exits the process. Call close() (or use
     `with LLM(...) as llm:`) to stop them.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        config = EngineConfig(model=model, **engine_args)
-        if config.expert_parallel_size > 1:
-            from expertmesh.engine.ep_engine import EPEngine
-
-            self.engine: LLMEngine | EPEngine = EPEngine(config)
-        else:
-            self.engine = LLMEngine(config)
+        self.engine: Engine = make_engine(EngineConfig(model=model, **engine_args))
 
     def close(self) -> None:
-        """Stop the expert-parallel rank processes (nothing to do with one rank)."""
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        """Stop the other rank processes (nothing to do with one rank)."""
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -113,10 +107,12 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(conv) for conv in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def stats(self) -> dict[str, int]:
-        """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free blocks)
-        of this process's engine (rank 0 under expert parallelism)."""
-        return dict(self.engine.engine.scheduler.stats() if hasattr(self.engine, "engine") else self.engine.scheduler.stats())
+    def stats(self) -> dict[str, object]:
+        """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free
+        blocks) of rank 0's engine; on a parallel layout also "layout" (TP, DP and EP sizes) and
+        "allreduce" (rank 0's calls and bytes per algorithm)."""
+        keep = ("layout", "allreduce")
+        return {k: v for k, v in self.engine.stats().items() if isinstance(v, int) or k in keep}
 
     def expert_load(self) -> dict[str, list]:
         """Routed tokens since load: per expert ([layers][E], all ranks' requests summed) and per

@@ -37,9 +37,9 @@ STOP_TOKEN_IDS = SAMPLING_FIELDS["stop_token_ids"]
 class LLMEngine:
     """Owns the scheduler, the model runner, the sampler and the per-request state."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = runner if runner is not None else ModelRunner(config)
         self.tokenizer = CheckpointTokenizer.from_dir(config.model_path)
         self.max_model_len = self.runner.max_model_len
         self.limits = RequestLimits(self.runner.vocab_size, self.max_model_len)
@@ -52,7 +52,8 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sampler = Sampler()
-        self._expert_parallel = self.runner.expert_parallel
+        self._expert_parallel = self.runner.expert_parallel  # every step joins the MoE all-to-alls
+        self._collective = self.runner.parallel  # peers wait on every step: a failed one is fatal
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}
         self._core_ids = itertools.count()
@@ -140,11 +141,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def close(self) -> None:
+        """Stop the ranks this engine's model runs on (nothing to do with one rank)."""
+        self.runner.close()
+
     # ---- observability -----------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """A snapshot for metrics: scheduler and KV-cache counters (cumulative ones included)
-        and tokens routed to each expert of each MoE layer ([layers][E], cumulative)."""
+        """A snapshot for metrics: scheduler and KV-cache counters (cumulative ones included),
+        tokens routed to each expert of each MoE layer ([layers][E], cumulative) and, on a
+        parallel layout, its sizes and this rank's allreduce calls and bytes per algorithm."""
         sched = self.scheduler
         snapshot: dict[str, object] = dict(sched.stats())
         snapshot.update(
@@ -155,6 +161,16 @@ class LLMEngine:
         )
         moe_layers = [m for m in self.runner.model.modules() if isinstance(m, FusedMoE)]
         snapshot["expert_tokens"] = [m.tokens_routed.tolist() for m in moe_layers]
+        rank = self.runner.rank
+        if rank is not None:
+            layout = rank.layout.config
+            snapshot["layout"] = {"tensor_parallel": layout.tensor_parallel_size,
+                                  "data_parallel": layout.data_parallel_size,
+                                  "expert_parallel": layout.expert_parallel_size}
+            if rank.tp is not None:  # this rank's allreduce calls and bytes, per algorithm
+                stats = rank.tp.allreduce.stats
+                snapshot["allreduce"] = {"transport": rank.tp.allreduce.name, "calls": dict(stats.calls),
+                                         "bytes": dict(stats.bytes)}
         return snapshot
 
     # ---- one step ----------------------------------------------------------------------
@@ -175,9 +191,11 @@ class LLMEngine:
         core_ids = batch.sample_request_ids.tolist()
         seqs = [self._seqs[i][1] for i in core_ids]
         try:
+            if self.runner.rank is not None:
+                self.runner.rank.check_procs()  # a dead rank fails the step at once, not at a timeout
             logits = self.runner.execute(batch)  # [S, V]
         except Exception:
-            if self._expert_parallel:
+            if self._collective:
                 raise  # peers are mid-collective with this rank: the group cannot go on
             logger.exception("step failed; finishing its %d requests with an error", len(batch.request_ids))
             return self._fail({self._seqs[i][0].request_id: self._seqs[i][0] for i in batch.request_ids.tolist()})

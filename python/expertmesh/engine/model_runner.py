@@ -1,27 +1,39 @@
 """Turns a scheduler step into tensors, runs the model over the paged KV cache, returns logits.
 
+With a RankSetup the model is built for one rank of a parallel layout (parallel/apply.py
+shards it before its weights load). A replica leader with tensor-parallel followers hands
+every batch (and every idle step) to them first through the replica's batch channel, so all
+TP ranks run the same tokens; followers run `follow()` until the leader stops them.
+
 Legend: T tokens this step, N requests this step, S requests that sample, MB blocks per
-request in the batch table, NB KV blocks, B block size, NKV KV heads, D head dim, V vocab.
+request in the batch table, NB KV blocks, B block size, NKV KV heads held, D head dim, V vocab.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from expertmesh._core import SchedulerOutput
 from expertmesh.config import EngineConfig
 from expertmesh.layers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_dtype
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.models.loader import load_model
+from expertmesh.parallel.apply import apply_parallelism
+from expertmesh.parallel.batch_channel import BATCH, IDLE, STOP
+from expertmesh.parallel.launch import RankSetup
 
 
 class ModelRunner:
     """Holds the model and its KV cache on one device; `execute()` runs one step."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: RankSetup | None = None) -> None:
         self.device = torch.device(config.device)
+        self.rank = rank
+        shard = None if rank is None else partial(apply_parallelism, layout=rank.layout, tp=rank.tp, ep=rank.ep)
         self.model, self.hf_config = load_model(
-            config.model_path, dtype=config.dtype, device=self.device, show_progress=config.show_progress
+            config.model_path, dtype=config.dtype, device=self.device, show_progress=config.show_progress,
+            shard=shard,
         )
         self.dtype = self.model.dtype
         self.vocab_size = int(self.hf_config["vocab_size"])
@@ -34,30 +46,41 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model.num_layers, self.num_kv_blocks, config.block_size,
                                             self.model.num_kv_heads, self.model.head_dim, self.kv_cache_dtype,
                                             self.device)
+        self._exchanges = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.exchange is not None]
+        # The leader of a replica with TP followers hands them every step.
+        self._channel = rank.channel if rank is not None and rank.layout.is_replica_leader else None
+
+    @property
+    def parallel(self) -> bool:
+        """True when steps are collective: a peer rank waits on every one of this rank's steps."""
+        return self.rank is not None and self.rank.layout.config.world_size > 1
 
     @property
     def expert_parallel(self) -> bool:
         """True when MoE layers exchange tokens with other ranks (every step must join)."""
-        return any(m.ep is not None for m in self.model.modules() if isinstance(m, FusedMoE))
+        return bool(self._exchanges)
 
     @torch.inference_mode()
     def idle_step(self) -> None:
-        """A step with no tokens: under expert parallelism this rank still joins every MoE
-        layer's all-to-all (with zero rows), so ranks that do have work never wait on it."""
+        """A step with no tokens: under expert parallelism this rank (and its TP followers)
+        still join every MoE layer's all-to-all with zero rows, so ranks with work never wait."""
+        if self._channel is not None:
+            self._channel.send(IDLE)
         hidden = self.model.config.hidden_size
-        for moe in (m for m in self.model.modules() if isinstance(m, FusedMoE)):
-            if moe.ep is not None:
-                x = torch.empty((0, hidden), dtype=self.dtype, device=self.device)  # [0, H]
-                ids = torch.empty((0, moe.top_k), dtype=torch.long, device=self.device)  # [0, k]
-                moe.experts(x, torch.empty((0, moe.top_k), dtype=torch.float32, device=self.device), ids)
+        for moe in self._exchanges:
+            x = torch.empty((0, hidden), dtype=self.dtype, device=self.device)  # [0, H]
+            ids = torch.empty((0, moe.top_k), dtype=torch.long, device=self.device)  # [0, k]
+            moe.experts(x, torch.empty((0, moe.top_k), dtype=torch.float32, device=self.device), ids)
 
     def _tensor(self, array, dtype: torch.dtype) -> torch.Tensor:
         # torch.from_numpy shares the scheduler's buffer; .to() copies only when it must.
         return torch.from_numpy(array).to(device=self.device, dtype=dtype)
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+    def execute(self, batch) -> torch.Tensor:
         """Compute one step; returns fp32 logits [S, V] for the requests that sample."""
+        if self._channel is not None:
+            self._channel.send(BATCH, batch)
         input_ids = self._tensor(batch.input_ids, torch.long)  # [T]
         meta = AttentionMetadata(
             positions=self._tensor(batch.positions, torch.long),  # [T]
@@ -71,3 +94,27 @@ class ModelRunner:
             return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
         last = hidden[self._tensor(batch.logits_indices, torch.long)]  # [S, H]
         return self.model.compute_logits(last)  # [S, V]
+
+    def follow(self) -> None:
+        """A TP follower's life: run the leader's steps until it says stop."""
+        assert self.rank is not None and self.rank.channel is not None
+        while True:
+            kind, batch = self.rank.channel.receive()
+            if kind == STOP:
+                return
+            if kind == IDLE:
+                self.idle_step()
+            else:
+                self.execute(batch)
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the followers (leader), then the ranks this process spawned and the groups."""
+        if self.rank is None:
+            return
+        if self._channel is not None and graceful:
+            try:
+                self._channel.send(STOP)
+            except Exception:  # noqa: BLE001 - a dead follower cannot be told; close() goes on
+                graceful = False
+        self.rank.close(graceful)
+        self.rank = None

@@ -1,10 +1,15 @@
 """Linear and embedding layers whose parameters start uninitialised.
 
 torch.nn.Linear spends seconds per billion parameters on a random init that the checkpoint
-overwrites immediately; this layer allocates with torch.empty instead. Parallel (sharded)
-variants will subclass it.
+overwrites immediately; these layers allocate with torch.empty instead (pages a shard never
+keeps are never touched).
 
-Legend: T tokens, IN input features, OUT output features.
+Either can keep only a slice of its full weight (`own`): the rows or columns it computes when
+the work is split across ranks. The layer then computes its share -- partial output features,
+or a partial sum over input features, or embedding rows for the ids it holds (zeros for the
+rest) -- and whoever split it combines the shares. The layers themselves never communicate.
+
+Legend: T tokens, IN input features, OUT output features, V vocabulary, H hidden.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from expertmesh.layers.weights import empty_parameter, hold
 
 
 class Linear(nn.Module):
@@ -24,23 +31,50 @@ class Linear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.add_bias = bias  # False on all but one holder of a column slice (the bias is added once)
+
+    def own(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+            add_bias: bool = True) -> None:
+        """Keep output features [rows) and/or input features [cols) of the full weight. With a
+        column slice the output is a partial sum; `add_bias` says whether this share adds the bias."""
+        (r0, r1), (c0, c1) = rows or (0, self.out_features), cols or (0, self.in_features)
+        full = (self.out_features, self.in_features)
+        self.weight = hold(empty_parameter((r1 - r0, c1 - c0), self.weight), full, (slice(r0, r1), slice(c0, c1)))
+        if self.bias is not None:
+            self.bias = hold(empty_parameter((r1 - r0,), self.bias), (self.out_features,), (slice(r0, r1),))
+            self.add_bias = add_bias
+        self.out_features, self.in_features = r1 - r0, c1 - c0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, IN] -> [T, OUT]
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias if self.add_bias else None)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
 class Embedding(nn.Module):
-    """Token embedding table [V, H], uninitialised like Linear (V vocab, H hidden)."""
+    """Token embedding table [V, H], uninitialised like Linear."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False)
+        self.vocab_start = 0  # first id of the rows this layer holds (see own)
+        self.partial = False
+
+    def own(self, rows: tuple[int, int]) -> None:
+        """Keep only the rows of ids [rows): other ids embed as zeros (a partial lookup)."""
+        lo, hi = rows
+        full = tuple(self.weight.shape)
+        self.weight = hold(empty_parameter((hi - lo, full[1]), self.weight), full, (slice(lo, hi), slice(None)))
+        self.vocab_start, self.partial = lo, True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        return F.embedding(ids, self.weight)
+        if not self.partial:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start  # [T]
+        held = (local >= 0) & (local < self.weight.shape[0])  # [T]
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # [T, H]
+        return out * held.unsqueeze(-1).to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, vocab_start={self.vocab_start}"

@@ -6,16 +6,20 @@ later slice the E axis. The routing plan (which (token, slot) pair goes where, i
 expert-sorted order) comes from the Rust core (expertmesh._core.route), the same code
 that plans expert-parallel dispatch.
 
-With expert parallelism (EP, R ranks) the layer holds only its rank's El = E / R experts
-(w_gate_up [El, 2I, H], w_down [El, H, I]) and hands the expert half to
-expertmesh.parallel.all_to_all.moe_forward, which moves tokens to the ranks owning their
-experts and back; the layer itself holds no parallelism, only the expert range it owns.
+A layer may hold only part of its experts' weights (`own`): a range of experts (expert
+parallelism: w_gate_up [El, 2I, H], w_down [El, H, I]) and/or a range of every expert's
+intermediate rows (tensor parallelism: [E, 2Il, H], [E, H, Il], the output then a partial
+sum). When its experts are spread over ranks, whoever spread them installs an `exchange`
+(parallel/apply.py) that moves tokens to the experts' owners and back; the layer itself never
+communicates.
 
-Legend: T tokens, H hidden, E experts, El local experts, k top-k, I expert intermediate size,
-P = T * k pairs.
+Legend: T tokens, H hidden, E experts, El local experts, k top-k, I expert intermediate size
+(Il held), P = T * k pairs.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,10 +27,16 @@ from torch import nn
 
 from expertmesh._core import route
 from expertmesh.layers.linear import Linear
-from expertmesh.parallel.all_to_all import moe_forward
-from expertmesh.parallel.groups import get_expert_parallel
+from expertmesh.layers.weights import empty_parameter, read, source_shape
 from expertmesh_kernels import ops
 from expertmesh_kernels.moe import expert_mlp_ref
+
+
+class ExpertExchange(Protocol):
+    """Runs a layer's chosen experts when they live on several ranks: [T, H] -> [T, H]."""
+
+    def __call__(self, moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ...
 
 
 def routing_plan(
@@ -66,21 +76,32 @@ class FusedMoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
-        # Expert parallelism, read once when the model is built: which experts live here.
-        ep = get_expert_parallel()
-        self.ep = ep if ep is not None and ep.world_size > 1 else None
-        self.expert_start, self.expert_end = (0, num_experts) if self.ep is None else self.ep.expert_range(num_experts)
-        local = self.expert_end - self.expert_start
+        self.expert_start, self.expert_end = 0, num_experts  # the experts held (see own)
+        self.inter_start, self.inter_end = 0, intermediate_size  # their intermediate rows held
+        self.exchange: ExpertExchange | None = None  # set when the experts live on several ranks
         self.gate = Linear(hidden_size, num_experts, dtype=dtype)  # the router
         # Tokens routed to each expert since load (MoE load). A plain array, not a buffer, so
         # it stays out of state dicts; the engine reads it for its stats.
         self.tokens_routed = np.zeros(num_experts, dtype=np.int64)  # [E]
         self.w_gate_up = nn.Parameter(
-            torch.empty(local, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
-        )  # [El, 2I, H]
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )  # [E, 2I, H]
         self.w_down = nn.Parameter(
-            torch.empty(local, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
-        )  # [El, H, I]
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )  # [E, H, I]
+
+    def own(self, experts: tuple[int, int] | None = None, intermediate: tuple[int, int] | None = None) -> None:
+        """Keep experts [experts) and, of each, intermediate rows [intermediate) (the output is
+        then a partial sum over the intermediate dimension)."""
+        (e0, e1) = experts or (0, self.num_experts)
+        (i0, i1) = intermediate or (0, self.intermediate_size)
+        self.expert_start, self.expert_end, self.inter_start, self.inter_end = e0, e1, i0, i1
+        self.w_gate_up = empty_parameter((e1 - e0, 2 * (i1 - i0), self.hidden_size), self.w_gate_up)  # [El, 2Il, H]
+        self.w_down = empty_parameter((e1 - e0, self.hidden_size, i1 - i0), self.w_down)  # [El, H, Il]
+
+    def count_routed(self, ids: torch.Tensor) -> None:
+        """Add these top-k choices [T, k] to the per-expert token counts."""
+        self.tokens_routed += np.bincount(ids.flatten().cpu().numpy(), minlength=self.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         router_logits = self.gate(x)  # [T, E]
@@ -90,9 +111,8 @@ class FusedMoE(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run the chosen experts and sum their outputs with the routing weights."""
         num_tokens = x.shape[0]
-        if self.ep is not None:  # every rank joins, with T = 0 too (see ModelRunner.idle_step)
-            self.tokens_routed += np.bincount(ids.flatten().cpu().numpy(), minlength=self.num_experts)
-            return moe_forward(self.ep, x, weights, ids, self.num_experts, self._local_expert_mlp)
+        if self.exchange is not None:  # every rank joins, with T = 0 too (see ModelRunner.idle_step)
+            return self.exchange(self, x, weights, ids)
         if ops.use_triton(x):  # fused Triton kernels: sorting, grouped GEMMs and weights on the device
             self.tokens_routed += torch.bincount(ids.flatten().long(), minlength=self.num_experts).cpu().numpy()
             return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
@@ -102,45 +122,55 @@ class FusedMoE(nn.Module):
         y = y_sorted[pair_positions].view(num_tokens, self.top_k, self.hidden_size)  # [T, k, H]
         return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
 
-    def _local_expert_mlp(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-        # [Q, H] grouped by local expert, offsets [El+1] -> [Q, H]
+    def local_expert_mlp(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """The held experts over rows grouped by local expert: x [Q, H], offsets [El+1] -> [Q, H]."""
         return expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)
 
+    # ---- loading: only the experts and intermediate rows this layer holds are read ------------
+
     @torch.no_grad()
-    def load_expert_weight(self, expert: int, part: str, tensor: torch.Tensor) -> None:
-        """Copy one expert's projection (part: gate_proj, up_proj or down_proj, nn.Linear layout)."""
+    def load_expert_weight(self, expert: int, part: str, source) -> None:
+        """Copy one expert's projection (part: gate_proj, up_proj or down_proj, nn.Linear layout;
+        `source` a tensor or a safetensors slice)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert id {expert} is out of range: the layer has {self.num_experts} experts")
+        if part not in ("gate_proj", "up_proj", "down_proj"):
+            raise ValueError(f"unknown expert projection {part!r}; expected down_proj, gate_proj or up_proj")
+        full = (self.hidden_size, self.intermediate_size) if part == "down_proj" else \
+            (self.intermediate_size, self.hidden_size)
+        if source_shape(source) != full:
+            raise ValueError(f"weight experts.{expert}.{part} has shape {source_shape(source)}, expected {full}")
         if not self.expert_start <= expert < self.expert_end:
-            return  # another rank's expert (EP): this rank never reads it
-        expert -= self.expert_start
-        inter = self.intermediate_size
-        targets = {
-            "gate_proj": self.w_gate_up[expert, :inter],
-            "up_proj": self.w_gate_up[expert, inter:],
-            "down_proj": self.w_down[expert],
-        }
-        if part not in targets:
-            raise ValueError(f"unknown expert projection {part!r}; expected one of {sorted(targets)}")
-        _copy_checked(targets[part], tensor, f"experts.{expert}.{part}")
+            return  # another rank's expert: this rank never reads it
+        e, (i0, i1), held = expert - self.expert_start, (self.inter_start, self.inter_end), self.inter_end - self.inter_start
+        if part == "down_proj":
+            self.w_down[e].copy_(read(source, (slice(None), slice(i0, i1))))
+        else:
+            rows = slice(0, held) if part == "gate_proj" else slice(held, 2 * held)
+            self.w_gate_up[e, rows].copy_(read(source, (slice(i0, i1), slice(None))))
 
     @torch.no_grad()
-    def load_fused_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy a whole fused tensor: gate_up_proj [E, 2I, H] or down_proj [E, H, I]."""
-        target = {"gate_up_proj": self.w_gate_up, "down_proj": self.w_down}.get(name)
-        if target is None:
+    def load_fused_weight(self, name: str, source) -> None:
+        """Copy a fused tensor: gate_up_proj [E, 2I, H] or down_proj [E, H, I]."""
+        inter, hidden, (e0, e1), (i0, i1) = (self.intermediate_size, self.hidden_size,
+                                             (self.expert_start, self.expert_end), (self.inter_start, self.inter_end))
+        full = {"gate_up_proj": (self.num_experts, 2 * inter, hidden), "down_proj": (self.num_experts, hidden, inter)}
+        if name not in full:
             raise ValueError(f"unknown fused expert weight {name!r}; expected gate_up_proj or down_proj")
-        if tensor.shape[0] != self.num_experts:
-            raise ValueError(f"weight experts.{name} has {tensor.shape[0]} experts, expected {self.num_experts}")
-        _copy_checked(target, tensor[self.expert_start : self.expert_end], f"experts.{name}")
+        if source_shape(source) != full[name]:
+            raise ValueError(f"weight experts.{name} has shape {source_shape(source)}, expected {full[name]}")
+        if name == "down_proj":
+            self.w_down.copy_(read(source, (slice(e0, e1), slice(None), slice(i0, i1))))
+            return
+        held = i1 - i0
+        self.w_gate_up[:, :held].copy_(read(source, (slice(e0, e1), slice(i0, i1), slice(None))))
+        self.w_gate_up[:, held:].copy_(read(source, (slice(e0, e1), slice(inter + i0, inter + i1), slice(None))))
 
     def extra_repr(self) -> str:
-        local = "" if self.ep is None else f", local_experts=[{self.expert_start}, {self.expert_end})"
-        return (f"experts={self.num_experts}{local}, top_k={self.top_k}, hidden={self.hidden_size}, "
+        held = ""
+        if (self.expert_start, self.expert_end) != (0, self.num_experts):
+            held += f", experts_held=[{self.expert_start}, {self.expert_end})"
+        if (self.inter_start, self.inter_end) != (0, self.intermediate_size):
+            held += f", intermediate_held=[{self.inter_start}, {self.inter_end})"
+        return (f"experts={self.num_experts}{held}, top_k={self.top_k}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, renormalize={self.renormalize}")
-
-
-def _copy_checked(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
-    if tuple(source.shape) != tuple(target.shape):
-        raise ValueError(f"weight {what} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
-    target.copy_(source)

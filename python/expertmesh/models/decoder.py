@@ -28,6 +28,7 @@ from expertmesh.layers.linear import Embedding, Linear
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.layers.norm import RMSNorm
 from expertmesh.layers.rotary import RotaryEmbedding, apply_rotary
+from expertmesh.layers.weights import load
 from expertmesh.models.arch_config import DecoderConfig
 
 _EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -59,6 +60,20 @@ class SelfAttentionBlock(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.attn = Attention(nh, nkv, d, scale=d**-0.5, sliding_window=cfg.sliding_windows[layer_idx])
 
+    def own_heads(self, q_heads: tuple[int, int], kv_heads: tuple[int, int], add_bias: bool) -> None:
+        """Keep query heads [q_heads) and KV heads [kv_heads) (the group those queries read):
+        q/k/v keep their rows, o_proj its columns, so the output is a partial sum;
+        `add_bias` says whether this share adds o_proj's bias. A full-width q/k norm keeps its
+        whole weight: it needs every head's statistics (whoever split the heads supplies them)."""
+        d = self.head_dim
+        (q0, q1), (k0, k1) = q_heads, kv_heads
+        self.q_proj.own(rows=(q0 * d, q1 * d))
+        self.k_proj.own(rows=(k0 * d, k1 * d))
+        self.v_proj.own(rows=(k0 * d, k1 * d))
+        self.o_proj.own(cols=(q0 * d, q1 * d), add_bias=add_bias)
+        self.num_heads, self.num_kv_heads = q1 - q0, k1 - k0
+        self.attn.num_heads, self.attn.num_kv_heads = self.num_heads, self.num_kv_heads
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -85,6 +100,12 @@ class DenseMLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype)
+
+    def own(self, intermediate: tuple[int, int]) -> None:
+        """Keep intermediate features [intermediate): the output is then a partial sum."""
+        self.gate_proj.own(rows=intermediate)
+        self.up_proj.own(rows=intermediate)
+        self.down_proj.own(cols=intermediate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -155,7 +176,8 @@ class MoeForCausalLM(nn.Module):
 
     @property
     def num_kv_heads(self) -> int:
-        return self.config.num_kv_heads
+        """KV heads this model's attention holds (all of them unless its heads were split)."""
+        return self.model.layers[0].self_attn.num_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -198,8 +220,9 @@ class MoeForCausalLM(nn.Module):
         return names
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (name, tensor) pairs in (casting to the model dtype); error on extra or missing ones."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy (name, tensor or safetensors slice) pairs in, casting to the model dtype and
+        reading only what each parameter holds; error on extra or missing ones."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         pending = self.expected_weights()
@@ -219,13 +242,7 @@ class MoeForCausalLM(nn.Module):
                 for e in range(moe.num_experts):
                     pending.difference_update(f"{m.group(1)}.experts.{e}.{p}" for p in _FUSED_PARTS[m.group(2)])
             elif name in params:
-                target = params[name]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"checkpoint weight {raw_name!r} has shape {tuple(tensor.shape)}, "
-                        f"{self.architecture} expects {tuple(target.shape)}"
-                    )
-                target.copy_(tensor)
+                load(params[name], tensor, raw_name)  # only the part the parameter holds is read
                 pending.discard(name)
             else:
                 raise ValueError(f"checkpoint weight {raw_name!r} is not a weight of {self.architecture} (unexpected)")

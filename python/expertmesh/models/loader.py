@@ -9,7 +9,7 @@ parameters, cast to the requested dtype on the way.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,9 @@ def weight_files(model_path: str | Path) -> list[Path]:
     return files
 
 
-def iterate_weights(model_path: str | Path, show_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every weight file, read lazily on the CPU."""
+def iterate_weights(model_path: str | Path, show_progress: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, safetensors slice) for every tensor of every weight file: nothing is read until
+    the model takes the part it holds (`slice[...]`, layers/weights.py), valid until the next."""
     files = weight_files(model_path)
     total = 0
     for file in files:
@@ -96,7 +97,7 @@ def iterate_weights(model_path: str | Path, show_progress: bool = False) -> Iter
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
                     bar.update(1)
 
 
@@ -105,9 +106,12 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     show_progress: bool = True,
+    shard: Callable[[MoeForCausalLM], None] | None = None,
 ) -> tuple[MoeForCausalLM, dict[str, Any]]:
     """Build the model config.json names and fill it from the checkpoint.
 
+    `shard`, if given, runs between building and loading: it may make layers hold only part of
+    their weights (parallel/apply.py), and loading then reads only those parts.
     Returns (model in eval mode, the config.json dict).
     """
     hf_config = read_hf_config(model_path)
@@ -117,5 +121,7 @@ def load_model(
     weight_files(model_path)  # fail on missing weight files before allocating the model
     with torch.device(device):
         model = model_cls(hf_config, dtype=torch_dtype)
+        if shard is not None:
+            shard(model)
     model.load_weights(iterate_weights(model_path, show_progress=show_progress))
     return model.eval(), hf_config

@@ -44,8 +44,13 @@ from expertmesh.errors import CollectiveError
 from expertmesh.parallel.shm import alive
 
 _NUM_PHASES = 2
-# Measured on the 2-core CPU VM (bench/comm/README.md): one-shot wins up to here, two-shot above.
-DEFAULT_TABLE: tuple[tuple[int, str], ...] = ((256 << 10, "one_shot"), (1 << 62, "two_shot"))
+# Per world size: (message bytes up to, algorithm) rows. Measured on the 2-core CPU VM
+# (bench/comm/README.md): two-shot overtakes one-shot between 512 KB and 1 MB at R=2, and near
+# 128-256 KB at R=4 (4 ranks on 2 cores); other sizes use the R=4 row.
+DEFAULT_TABLE: dict[int, tuple[tuple[int, str], ...]] = {
+    2: ((512 << 10, "one_shot"), (1 << 62, "two_shot")),
+    4: ((256 << 10, "one_shot"), (1 << 62, "two_shot")),
+}
 
 
 @dataclass
@@ -60,13 +65,16 @@ class AllReduceStats:
         self.bytes[algorithm] = self.bytes.get(algorithm, 0) + nbytes
 
 
-def torch_all_gather(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """[S, sizes[rank]] -> [S, sum(sizes)] with torch.distributed (gloo needs equal shapes: pad)."""
+def torch_all_gather(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """2-D x with sizes[rank] along `dim` -> every rank's x concatenated along `dim` in rank
+    order, with torch.distributed (which needs equal shapes: padded to the largest)."""
     width = max(sizes)
-    padded = x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    pad = [0, 0, 0, 0]
+    pad[2 * (1 - dim) + 1] = width - x.shape[dim]  # F.pad lists the last dim first
+    padded = torch.nn.functional.pad(x, pad).contiguous()
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:, :s] for part, s in zip(parts, sizes)], dim=1)
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part.narrow(dim, 0, s) for part, s in zip(parts, sizes)], dim=dim)
 
 
 class TorchAllReduce:
@@ -84,8 +92,8 @@ class TorchAllReduce:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        return torch_all_gather(x, sizes, self.group)
+    def all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = 1) -> torch.Tensor:
+        return torch_all_gather(x, sizes, self.group, dim)
 
     def close(self) -> None:
         pass
@@ -115,13 +123,14 @@ class ShmAllReduce:
     name = "shm"
 
     def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int, max_bytes: int,
-                 timeout_s: float = 60.0, table: tuple[tuple[int, str], ...] = DEFAULT_TABLE) -> None:
+                 timeout_s: float = 60.0, table: tuple[tuple[int, str], ...] | None = None) -> None:
         self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes - max_bytes % 8
-        self.timeout_s, self.table, self._group = timeout_s, table, group
+        self.timeout_s, self._group = timeout_s, group
+        self.table = table if table is not None else DEFAULT_TABLE.get(world_size, DEFAULT_TABLE[4])
         self.stats = AllReduceStats()
         self._ring = PhaseRing(_NUM_PHASES)
         token = [uuid.uuid4().hex if rank == 0 else None]
-        dist.broadcast_object_list(token, src=0, group=group)
+        dist.broadcast_object_list(token, group=group, group_src=0)  # group rank 0, whatever its global rank
         paths = [f"/dev/shm/expertmesh-tp-{token[0]}-{r}" for r in range(world_size)]
         size = _Segment.size(world_size, self.max_bytes)
         with open(paths[rank], "wb") as f:  # zero-filled: flags start at 0 (= no call yet)
@@ -197,23 +206,28 @@ class ShmAllReduce:
                 acc.add_(part.float())
             out.copy_(acc)
             return
-        out.copy_(parts[0])
-        for part in parts[1:]:
+        if len(parts) == 1:
+            out.copy_(parts[0])
+            return
+        torch.add(parts[0], parts[1], out=out)  # one pass for the first pair (read 2, write 1)
+        for part in parts[2:]:
             out.add_(part)
 
-    def all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """[S, sizes[rank]] on each rank -> [S, sum(sizes)] on every rank (columns in rank
-        order), through the input areas; torch.distributed when it does not fit the buffer."""
-        rows, elem = x.shape[0], x.element_size()
-        if rows * max(sizes) * elem > self.max_bytes:
-            return torch_all_gather(x, sizes, self._group)
+    def all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = 1) -> torch.Tensor:
+        """2-D x with sizes[rank] along `dim` (0: rows, 1: columns) -> every rank's x
+        concatenated along `dim` in rank order, through the input areas (torch.distributed
+        when it does not fit the buffer)."""
+        other, elem = x.shape[1 - dim], x.element_size()
+        if other * max(sizes) * elem > self.max_bytes:
+            return torch_all_gather(x, sizes, self._group, dim)
         handle = self._ring.acquire()
         p, flag = handle.phase, handle.seq + 1
-        self._segs[self.rank].inputs[p, : x.numel() * elem].view(x.dtype).view_as(x).copy_(x)
+        self._segs[self.rank].inputs[p, : x.numel() * elem].view(x.dtype).view(x.shape).copy_(x)
         self._publish(0, p, flag)
         self._wait(0, p, flag, handle.seq)
-        out = torch.cat([seg.inputs[p, : rows * s * elem].view(x.dtype).view(rows, s)
-                         for seg, s in zip(self._segs, sizes)], dim=1)  # [S, sum(sizes)]
+        shape = (lambda s: (s, other)) if dim == 0 else (lambda s: (other, s))
+        out = torch.cat([seg.inputs[p, : other * s * elem].view(x.dtype).view(shape(s))
+                         for seg, s in zip(self._segs, sizes)], dim=dim)
         self._ring.release(handle)
         return out
 

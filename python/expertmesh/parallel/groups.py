@@ -1,12 +1,9 @@
-"""Process groups for expert parallelism, from the standard env:// variables.
+"""Process groups, from the standard env:// variables.
 
 A rank learns its place from RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (what torchrun
 and our own launcher set), so single-host, torchrun and multi-host launches are one code path.
-Backend: gloo on CPU; NCCL on CUDA for the data plus a gloo group for the control plane
-(request hand-out and output gathering move Python objects, which need a CPU group).
-
-The process-wide ExpertParallel state (set once per rank before the model is built) is how
-FusedMoE learns which experts it owns without layers/ knowing about processes.
+Backend: gloo on CPU; NCCL on CUDA for the data plus gloo groups for the control plane
+(request hand-out, batches and output gathering move small CPU tensors and Python objects).
 """
 
 from __future__ import annotations
@@ -54,17 +51,24 @@ CONTROL_TIMEOUT_S = 7 * 24 * 3600
 
 @dataclass
 class Groups:
-    """The groups one rank uses: `data` carries tensors, `control` carries Python objects."""
+    """The groups one rank uses: `data` carries tensors, `control` carries Python objects (both
+    all ranks); `tp_data` / `tp_control` this rank's tensor-parallel replica; `leaders` the
+    replicas' leaders (TP rank 0 of each), which step together under rank 0's commands."""
 
     rank: int
     world_size: int
     data: dist.ProcessGroup
     control: dist.ProcessGroup
     same_host: bool
+    tp_data: dist.ProcessGroup | None = None
+    tp_control: dist.ProcessGroup | None = None
+    leaders: dist.ProcessGroup | None = None
 
 
-def init_groups(info: RankInfo, device: torch.device, timeout_s: float) -> Groups:
-    """Join the default group (gloo on CPU, NCCL on CUDA) and make the gloo control group."""
+def init_groups(info: RankInfo, device: torch.device, timeout_s: float, tp_size: int = 1) -> Groups:
+    """Join the default group (gloo on CPU, NCCL on CUDA), make the gloo control group and,
+    with tp_size > 1, every replica's TP groups and the leaders' group (all ranks make all of
+    them, in the same order, as torch.distributed requires)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend,
@@ -81,24 +85,20 @@ def init_groups(info: RankInfo, device: torch.device, timeout_s: float) -> Group
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
     hosts: list[str | None] = [None] * info.world_size
     dist.all_gather_object(hosts, socket.gethostname(), group=control)
-    return Groups(info.rank, info.world_size, world, control, same_host=len(set(hosts)) == 1)
+    groups = Groups(info.rank, info.world_size, world, control, same_host=len(set(hosts)) == 1, leaders=control)
+    if tp_size > 1:
+        for start in range(0, info.world_size, tp_size):
+            ranks = list(range(start, start + tp_size))
+            data = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
+            # The followers wait on it for their leader's next batch however long it idles.
+            ctrl = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+            if info.rank in ranks:
+                groups.tp_data, groups.tp_control = data, ctrl
+        groups.leaders = dist.new_group(list(range(0, info.world_size, tp_size)), backend="gloo",
+                                        timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    return groups
 
 
 def destroy_groups() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ---- the process-wide expert-parallel state FusedMoE reads at construction ----------------
-
-_EXPERT_PARALLEL = None  # ExpertParallel | None (all_to_all.py); None means EP=1
-
-
-def set_expert_parallel(ep) -> None:
-    global _EXPERT_PARALLEL
-    _EXPERT_PARALLEL = ep
-
-
-def get_expert_parallel():
-    """The ExpertParallel of this process, or None when EP is off (world size 1)."""
-    return _EXPERT_PARALLEL

@@ -1,10 +1,11 @@
-"""Starting expert-parallel ranks: rank processes on one host, and one rank's setup.
+"""Starting ranks: rank processes on one host, and one rank's setup.
 
-`spawn_workers` starts ranks 1..R-1 as `python -m expertmesh.parallel.worker` with the env://
+`spawn_workers` starts ranks 1..R-1 as `python -m <module>` (engine/rank_worker.py) with the env://
 variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the engine config as JSON; the
 calling process is rank 0. Under torchrun (or any launcher that sets those variables) nothing
-is spawned: every process is already a rank. `setup_rank` joins the groups, builds the
-transport and the ExpertParallel state the MoE layers read while the model is built.
+is spawned: every process is already a rank. `setup_rank` joins the groups and builds what the
+rank's model needs -- its place in the layout, the TP allreduce, the EP transport, the batch
+channel of its replica -- as one `RankSetup`, which apply.py and the model runner read.
 """
 
 from __future__ import annotations
@@ -14,38 +15,87 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from expertmesh.config import EngineConfig
+from expertmesh.errors import CollectiveError
 from expertmesh.models.loader import read_hf_config, resolve_dtype
 from expertmesh.models.registry import get_model_class
 from expertmesh.parallel.all_to_all import ExpertParallel
-from expertmesh.parallel.groups import Groups, RankInfo, init_groups
+from expertmesh.parallel.allreduce import ShmAllReduce, TorchAllReduce
+from expertmesh.parallel.batch_channel import BatchChannel
+from expertmesh.parallel.groups import Groups, RankInfo, destroy_groups, init_groups
+from expertmesh.parallel.layout import RankLayout
 from expertmesh.parallel.shm import ShmTransport
+from expertmesh.parallel.tensor_parallel import TensorParallel
 from expertmesh.parallel.transport import TorchTransport, Transport
 
-CONFIG_ENV = "EXPERTMESH_EP_CONFIG"
+CONFIG_ENV = "EXPERTMESH_RANK_CONFIG"
 
 
 def config_to_json(config: EngineConfig) -> str:
     return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
 
 
-def spawn_workers(config: EngineConfig, info: RankInfo) -> list[subprocess.Popen]:
-    """Start ranks 1..R-1 of a single-host group whose rank 0 is this process."""
+def spawn_workers(config: EngineConfig, info: RankInfo, module: str) -> list[subprocess.Popen]:
+    """Start ranks 1..R-1 of a single-host group whose rank 0 is this process, each running
+    `python -m module`."""
     procs = []
     for rank in range(1, info.world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(info.world_size), MASTER_ADDR=info.master_addr,
                    MASTER_PORT=str(info.master_port), LOCAL_RANK=str(rank), **{CONFIG_ENV: config_to_json(config)})
-        procs.append(subprocess.Popen([sys.executable, "-m", "expertmesh.parallel.worker"], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", module], env=env))
     return procs
+
+
+@dataclass
+class RankSetup:
+    """Everything one rank's model and engine need to run in parallel."""
+
+    layout: RankLayout
+    groups: Groups
+    tp: TensorParallel | None  # None with one TP rank
+    ep: ExpertParallel | None  # None with expert parallelism off
+    channel: BatchChannel | None  # the replica's batch broadcast; None with one TP rank
+    procs: list[subprocess.Popen] = field(default_factory=list)  # ranks this process spawned
+
+    def check_procs(self) -> None:
+        """CollectiveError if a rank this process spawned has exited."""
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code is not None:
+                raise CollectiveError(f"rank {rank} (pid {proc.pid}) exited with code {code}")
+
+    def close(self, graceful: bool = True) -> None:
+        """Wait for (then kill) the spawned ranks, free the buffers, leave the groups."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10 if graceful else 0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.tp is not None:
+            self.tp.close()
+        if self.ep is not None:
+            self.ep.transport.close()
+        destroy_groups()
+
+
+def _row_bytes(config: EngineConfig, device: torch.device) -> tuple[int, int]:
+    """(bytes per dispatched row, bytes per hidden state in fp32) of the model."""
+    hf = read_hf_config(config.model_path)
+    cfg = get_model_class(hf).config_from_hf(hf)
+    elem = torch.empty((), dtype=resolve_dtype(config.dtype, hf, device)).element_size()
+    # Dispatch rows: hidden + k int64 expert ids + k fp32 weights; combine rows: fp32 hidden.
+    return max(cfg.hidden_size * elem + 12 * cfg.top_k, 4 * cfg.hidden_size), 4 * cfg.hidden_size
 
 
 def make_transport(config: EngineConfig, groups: Groups, device: torch.device) -> Transport:
     """Shared memory for CPU ranks on one host (unless told otherwise), else torch.distributed."""
-    hf = read_hf_config(config.model_path)
-    cfg = get_model_class(hf).config_from_hf(hf)
     kind = config.ep_transport
     if kind == "auto":
         kind = "shm" if device.type == "cpu" and groups.same_host else "torch"
@@ -53,10 +103,21 @@ def make_transport(config: EngineConfig, groups: Groups, device: torch.device) -
         return TorchTransport(groups.data, groups.rank, groups.world_size, device)
     if device.type != "cpu" or not groups.same_host:
         raise ValueError("ep_transport 'shm' needs CPU ranks on one host; use 'torch' (or 'auto')")
-    elem = torch.empty((), dtype=resolve_dtype(config.dtype, hf, device)).element_size()
-    # Dispatch rows: hidden + k int64 expert ids + k fp32 weights; combine rows: fp32 hidden.
-    row_bytes = max(cfg.hidden_size * elem + 12 * cfg.top_k, 4 * cfg.hidden_size)
-    return ShmTransport(groups.control, groups.rank, groups.world_size, max_tokens_per_rank(config), row_bytes,
+    return ShmTransport(groups.control, groups.rank, groups.world_size, max_tokens_per_rank(config),
+                        _row_bytes(config, device)[0], timeout_s=config.ep_timeout_s)
+
+
+def make_allreduce(config: EngineConfig, groups: Groups, layout: RankLayout, device: torch.device):
+    kind = config.allreduce
+    if kind == "auto":
+        kind = "shm" if device.type == "cpu" and groups.same_host else "torch"
+    if kind == "torch":
+        return TorchAllReduce(groups.tp_data)
+    if device.type != "cpu" or not groups.same_host:
+        raise ValueError("allreduce 'shm' needs CPU ranks on one host; use 'torch' (or 'auto')")
+    # Buffers for the largest message: a step's hidden states in fp32 (logits gather in chunks).
+    max_bytes = config.max_num_batched_tokens * _row_bytes(config, device)[1]
+    return ShmAllReduce(groups.tp_control, layout.tp_rank, layout.config.tensor_parallel_size, max_bytes,
                         timeout_s=config.ep_timeout_s)
 
 
@@ -64,8 +125,17 @@ def max_tokens_per_rank(config: EngineConfig) -> int:
     return config.ep_max_tokens_per_rank or config.max_num_batched_tokens
 
 
-def setup_rank(config: EngineConfig, info: RankInfo) -> tuple[Groups, ExpertParallel]:
+def setup_rank(config: EngineConfig, info: RankInfo) -> RankSetup:
     device = torch.device(config.device)
-    groups = init_groups(info, device, config.ep_timeout_s)
-    transport = make_transport(config, groups, device)
-    return groups, ExpertParallel(info.rank, info.world_size, transport, max_tokens_per_rank(config))
+    layout = config.parallel.rank(info.rank)
+    config.parallel.check_world(info.world_size)
+    tp_size = config.parallel.tensor_parallel_size
+    groups = init_groups(info, device, config.ep_timeout_s, tp_size)
+    tp = channel = ep = None
+    if tp_size > 1:
+        tp = TensorParallel(layout.tp_rank, tp_size, make_allreduce(config, groups, layout, device))
+        channel = BatchChannel(groups.tp_control, leader=layout.tp_ranks[0])
+    if config.parallel.enable_expert_parallel:
+        ep = ExpertParallel(info.rank, info.world_size, make_transport(config, groups, device),
+                            max_tokens_per_rank(config))
+    return RankSetup(layout, groups, tp, ep, channel)

@@ -193,15 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from expertmesh.config import EngineConfig
 
+        from expertmesh.engine.factory import make_engine
+
         config = EngineConfig(**json.loads(args.config))
-        if config.expert_parallel_size > 1:  # this process becomes rank 0 and starts the others
-            from expertmesh.engine.ep_engine import EPEngine
-
-            engine = EPEngine(config)
-        else:
-            from expertmesh.engine.llm_engine import LLMEngine
-
-            engine = LLMEngine(config)
+        engine = make_engine(config)  # with a parallel layout this process is rank 0 and starts the others
     except Exception as exc:  # noqa: BLE001 - reported to the frontend, which exits with it
         sock.sendall(encode({"type": "fatal", "message": f"engine failed to start: {exc}"}))
         return 1
@@ -222,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loop.run()
         finally:
-            close = getattr(engine, "close", None)  # EPEngine: stop the other ranks
-            if close is not None:
-                close()
+            engine.close()  # stops the other ranks, if any
     except (LinkClosed, BrokenPipeError, ConnectionResetError):
         return 0
     except Exception:  # noqa: BLE001 - a bug in a step: tell the frontend, which fails in-flight requests

@@ -51,6 +51,22 @@ class _EngineCollector:
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.get("prefix_cache_hits", 0))
         yield counter("num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.",
                       s.get("num_preemptions", 0))
+        layout = s.get("layout")
+        if layout:
+            sizes = GaugeMetricFamily("expertmesh:parallel_size", "Ranks of each parallel dimension.",
+                                      labels=["model_name", "dim"])
+            for dim, n in layout.items():
+                sizes.add_metric([self._model, dim], n)
+            yield sizes
+        allreduce = s.get("allreduce")
+        if allreduce:
+            for what, doc in (("calls", "Tensor-parallel allreduce calls on rank 0, by algorithm."),
+                              ("bytes", "Bytes rank 0 reduced with the tensor-parallel allreduce, by algorithm.")):
+                family = CounterMetricFamily(f"expertmesh:allreduce_{what}", doc,
+                                             labels=["model_name", "transport", "algorithm"])
+                for algorithm, n in allreduce[what].items():
+                    family.add_metric([self._model, allreduce["transport"], algorithm], n)
+                yield family
         experts = CounterMetricFamily("expertmesh:expert_tokens", "Tokens routed to each expert (MoE load).",
                                       labels=["model_name", "layer", "expert"])
         for layer, counts in enumerate(s.get("expert_tokens", [])):

@@ -1,7 +1,7 @@
-"""Entry point of a spawned expert-parallel rank: `python -m expertmesh.parallel.worker`.
+"""Entry point of a spawned rank process: `python -m expertmesh.engine.rank_worker`.
 
-Reads its place from the env:// variables and the engine config from EXPERTMESH_EP_CONFIG,
-then serves rank 0's commands until told to stop (engine/ep_engine.py: worker_loop).
+Reads its place from the env:// variables and the engine config from EXPERTMESH_RANK_CONFIG,
+then serves until rank 0 stops it (engine/factory.py: run_rank).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ def _die_with_parent() -> None:
 def main() -> int:
     _die_with_parent()
     from expertmesh.config import EngineConfig
-    from expertmesh.engine.ep_engine import run_worker
+    from expertmesh.engine.factory import run_rank
     from expertmesh.parallel.groups import rank_info_from_env
-    from expertmesh.parallel.launch import CONFIG_ENV
+    from expertmesh.parallel.launch import CONFIG_ENV, setup_rank
 
     info = rank_info_from_env()
     if info is None or CONFIG_ENV not in os.environ:
-        print("expertmesh.parallel.worker: RANK, WORLD_SIZE and EXPERTMESH_EP_CONFIG must be set", file=sys.stderr)
+        print("expertmesh.engine.rank_worker: RANK, WORLD_SIZE and EXPERTMESH_RANK_CONFIG must be set", file=sys.stderr)
         return 2
     config = EngineConfig(**json.loads(os.environ[CONFIG_ENV]))
-    run_worker(config, info)
+    run_rank(config, setup_rank(config, info))
     return 0
 
 

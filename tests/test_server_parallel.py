@@ -1,6 +1,6 @@
-"""`expertmesh serve --ep 2`: the server's engine process becomes rank 0 of two expert-parallel
-ranks; answers equal a single-rank server's, /metrics shows per-rank load, and stopping the
-server stops every rank."""
+"""`expertmesh serve --ep 2` and `--tensor-parallel-size 2`: the server's engine process becomes
+rank 0 of two ranks; answers equal a single-rank server's, /metrics shows per-rank load (EP) or
+the layout and allreduce counts (TP), and stopping the server stops every rank."""
 
 from __future__ import annotations
 
@@ -53,6 +53,28 @@ def test_serve_ep2_equals_single_rank_and_reports_rank_load(tmp_path):
         assert sum(float(line.rsplit(" ", 1)[1]) for line in rank_lines) > 0
     finally:
         assert ep.stop() == 0, ep.log()
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
+                               open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                               for pid in workers), 20, "the worker ranks to exit")
+
+
+def test_serve_tp2_equals_single_rank_and_reports_the_allreduce(tmp_path):
+    single = ServerProcess(["--kv-cache-blocks", "256"], tmp_path / "single.log")
+    try:
+        want = _greedy_texts(single.url)
+    finally:
+        single.stop()
+    tp = ServerProcess(["--kv-cache-blocks", "256", "--tensor-parallel-size", "2"], tmp_path / "tp.log")
+    try:
+        workers = _rank_pids(tp.engine_pid)
+        assert len(workers) == 1, tp.log()
+        assert _greedy_texts(tp.url) == want
+        metrics = urllib.request.urlopen(tp.url + "/metrics", timeout=30).read().decode()
+        assert 'expertmesh:parallel_size{dim="tensor_parallel",model_name="expertmesh-tiny-moe"} 2.0' in metrics
+        calls = [line for line in metrics.splitlines() if line.startswith("expertmesh:allreduce_calls_total{")]
+        assert calls and sum(float(line.rsplit(" ", 1)[1]) for line in calls) > 0, calls
+    finally:
+        assert tp.stop() == 0, tp.log()
     wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
                                for pid in workers), 20, "the worker ranks to exit")
