@@ -1,5 +1,6 @@
-"""The `expertmesh` command: `expertmesh serve ...` (the HTTP server), `expertmesh generate ...` and
-`expertmesh bench serve|offline ...` (benchmarks, expertmesh/bench/)."""
+"""The `expertmesh` command: `expertmesh serve ...` (the HTTP server), `expertmesh generate ...`,
+`expertmesh router ...` (replicas behind one front) and `expertmesh bench serve|offline ...`
+(benchmarks, expertmesh/bench/)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args, _engine_kwargs(args))
 
 
+def _router(args: argparse.Namespace) -> int:
+    from expertmesh.router.main import router_main
+
+    return router_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Serve mixture-of-experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="a stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_generate)
+    router = sub.add_parser("router", help="one OpenAI-compatible front for several replicas (prefix-affine routing)")
+    from expertmesh.router.main import add_router_args
+
+    add_router_args(router)
+    router.set_defaults(func=_router)
     from expertmesh.bench.cli import add_bench_parser
 
     add_bench_parser(sub)

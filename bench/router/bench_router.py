@@ -1,0 +1,212 @@
+"""The router's policies side by side, and what the router adds to TTFT, in one sitting.
+
+    .venv/bin/python bench/router/bench_router.py [--replicas 2 4] [--out FILE.json]
+
+1. Prefix-cache hit rate: `expertmesh bench serve --dataset prefix-repetition` (P prefixes of
+   L tokens, shuffled) through `expertmesh router` over N replicas of the built-in model, per
+   policy (prefix-hash, round-robin, least-loaded), against one replica with N times the KV
+   blocks and the same workload. Each replica's KV cache holds about 1.5x its share of the
+   prefixes (N x that for the single one), so a policy that scatters a prefix over replicas
+   makes every replica hold every prefix and evict. Hit rate = prefix_cache_hits /
+   prefix_cache_queries summed over the replicas' /metrics, the deltas over the run. Fresh
+   servers per cell: no cell inherits a warm cache.
+2. Router overhead: short requests (max_tokens 1) at --rate requests/s to one replica (one
+   torch thread, so a core is left for the router and the load generator), directly and through
+   the router, twice each, alternating: the p50 TTFT difference is what the router adds; and
+   the same against instant_backend.py, which answers at once, so only the HTTP path is left.
+
+Everything (replicas, router, load generator) shares this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from server_util import ServerProcess, free_port, metric  # noqa: E402 - the tests' launcher
+
+PREFIXES, PREFIX_LEN, SUFFIX_LEN, OUTPUT_LEN, PROMPTS = 32, 256, 16, 4, 320
+BLOCKS_PER_PREFIX = PREFIX_LEN // 16
+
+
+def _cache_counters(servers) -> tuple[float, float]:
+    text = [urllib.request.urlopen(s.url + "/metrics", timeout=10).read().decode() for s in servers]
+    return (sum(metric(t, "expertmesh:prefix_cache_hits_total") for t in text),
+            sum(metric(t, "expertmesh:prefix_cache_queries_total") for t in text))
+
+
+LOAD_FACTOR = ["--load-factor", "1.25"]  # replaced from the command line
+
+
+def _router(backends: list[str], policy: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [sys.executable, "-m", "expertmesh.cli", "router", "--port", str(port), "--policy", policy, *LOAD_FACTOR]
+    for url in backends:
+        args += ["--backend", url]
+    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"router did not start: {log.read_text()}")
+
+
+def _load(url: str, extra: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "expertmesh.cli", "bench", "serve", "--base-url", url, "--no-progress",
+           "--save-result", str(out), *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())["metrics"]
+
+
+def _servers(n: int, blocks: int, tmp: Path, threads: int | None = None) -> list[ServerProcess]:
+    """n replicas splitting the cores' torch threads between them (more replicas than cores:
+    one thread each), so that a cell measures routing, not oversubscription."""
+    os.environ["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // n))
+    try:
+        return [ServerProcess(["--kv-cache-blocks", str(blocks), "--max-model-len", "512"], tmp / f"s{n}-{i}.log")
+                for i in range(n)]
+    finally:
+        os.environ.pop("OMP_NUM_THREADS")
+
+
+def hit_rates(replicas: int, tmp: Path) -> dict:
+    per_replica = int(1.5 * PREFIXES * BLOCKS_PER_PREFIX / replicas) + 64  # +64: the running requests' own blocks
+    load = ["--dataset", "prefix-repetition", "--num-prefixes", str(PREFIXES), "--prefix-len", str(PREFIX_LEN),
+            "--suffix-len", str(SUFFIX_LEN), "--output-len", str(OUTPUT_LEN), "--num-prompts", str(PROMPTS),
+            "--max-concurrency", "8", "--tokenizer", str(_builtin()), "--seed", "1"]
+    row: dict = {"replicas": replicas, "kv_blocks_per_replica": per_replica}
+    cells = [("single", 1, per_replica * replicas, None)] + [(p, replicas, per_replica, p) for p in
+                                                             ("prefix-hash", "round-robin", "least-loaded")]
+    for name, n, blocks, policy in cells:
+        servers = _servers(n, blocks, tmp)
+        router = None
+        try:
+            url = servers[0].url
+            if policy is not None:
+                router, url = _router([s.url for s in servers], policy, tmp / f"router-{name}.log")
+            hits0, queries0 = _cache_counters(servers)
+            m = _load(url, load, tmp / f"{name}-{replicas}.json")
+            hits, queries = _cache_counters(servers)
+            row[name] = {"hit_rate": (hits - hits0) / max(queries - queries0, 1), "ttft_p50_ms": m["median_ttft_ms"],
+                         "output_throughput": m["output_throughput"], "errors": m.get("failed", 0)}
+        finally:
+            if router is not None:
+                router.send_signal(signal.SIGTERM)
+                router.wait(20)
+            for s in servers:
+                s.stop()
+    return row
+
+
+def overhead(rate: float, tmp: Path) -> dict:
+    (server,) = _servers(1, 512, tmp, threads=1)  # a core left for the router and the load generator
+    router, router_url = _router([server.url], "prefix-hash", tmp / "router-overhead.log")
+    load = ["--dataset", "random", "--random-input-len", "16", "--random-output-len", "1", "--num-prompts", "500",
+            "--request-rate", str(rate), "--tokenizer", str(_builtin()), "--seed", "2"]
+    try:
+        out = {}
+        for name, url in (("direct", server.url), ("router", router_url), ("direct_again", server.url),
+                          ("router_again", router_url)):
+            out[name] = _load(url, load, tmp / f"overhead-{name}.json")["median_ttft_ms"]
+    finally:
+        router.send_signal(signal.SIGTERM)
+        router.wait(20)
+        server.stop()
+    return out
+
+
+def isolated_overhead(rate: float) -> dict:
+    """The same comparison against instant_backend.py: only the HTTP path is left."""
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, str(Path(__file__).with_name("instant_backend.py")), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        router, router_url = _router([url], "round-robin", tmp / "router-instant.log")
+        load = ["--dataset", "random", "--random-input-len", "16", "--random-output-len", "1", "--num-prompts",
+                "500", "--request-rate", str(rate), "--vocab-size", "600", "--seed", "3"]
+        try:
+            out = {}
+            for name, u in (("direct", url), ("router", router_url), ("direct_again", url), ("router_again", router_url)):
+                cpu = _cpu_seconds(router.pid)
+                out[name] = _load(u, load, tmp / f"instant-{name}.json")["median_ttft_ms"]
+                if name == "router":  # the router's own CPU time per request, from /proc
+                    out["router_cpu_ms_per_request"] = (_cpu_seconds(router.pid) - cpu) * 1e3 / 500
+            return out
+        finally:
+            router.send_signal(signal.SIGTERM)
+            router.wait(20)
+            backend.terminate()
+            backend.wait(10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _builtin() -> Path:
+    from expertmesh.default_model import default_model_path
+
+    return default_model_path()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--load-factor", type=float, default=None, help="the router's --load-factor (its default if unset)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    LOAD_FACTOR[:] = [] if args.load_factor is None else ["--load-factor", str(args.load_factor)]
+    from tqdm import tqdm
+
+    os.environ.setdefault("EXPERTMESH_CACHE", str(Path(tempfile.gettempdir()) / "expertmesh-bench-router"))
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        rows = [hit_rates(n, tmp) for n in tqdm(args.replicas, desc="replica counts")]
+        ttft = overhead(args.rate, tmp)
+    instant = isolated_overhead(args.rate)
+    print(f"prefix-repetition: {PREFIXES} prefixes x {PREFIX_LEN} tokens + {SUFFIX_LEN}, {PROMPTS} prompts, "
+          f"{OUTPUT_LEN} out, 8 in flight")
+    print("| replicas | policy | prefix-cache hit rate | vs single | TTFT p50 ms | output tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        single = row["single"]["hit_rate"]
+        for name in ("single", "prefix-hash", "round-robin", "least-loaded"):
+            r = row[name]
+            print(f"| {row['replicas'] if name != 'single' else 1} | {name} | {r['hit_rate']:.3f} | "
+                  f"{r['hit_rate'] / single:.2f} | {r['ttft_p50_ms']:.1f} | {r['output_throughput']:.1f} |")
+    added = {}
+    for name, t in (("engine", ttft), ("instant", instant)):
+        added[name] = (t["router"] + t["router_again"] - t["direct"] - t["direct_again"]) / 2
+        print(f"TTFT p50 at {args.rate:g} req/s, {name} backend: direct {t['direct']:.2f} / {t['direct_again']:.2f} "
+              f"ms, through the router {t['router']:.2f} / {t['router_again']:.2f} ms: the router adds "
+              f"{added[name]:.2f} ms")
+    print(f"the router's own CPU time: {instant['router_cpu_ms_per_request']:.2f} ms per request")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": vars(args), "hit_rates": rows, "ttft_ms": ttft,
+                                              "instant_ttft_ms": instant, "router_adds_ms": added}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
