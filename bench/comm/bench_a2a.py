@@ -13,29 +13,15 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import statistics
-import time
 
 import torch
 import torch.multiprocessing as mp
+from timing import median_time  # bench/comm/timing.py (the script's folder is on sys.path)
 
 HIDDEN, EXPERTS = 4096, 64
 DECODE = [16, 64, 256]
 PREFILL = 4096
 CHUNK = 1024  # tokens per rank per call at prefill (the registered capacity)
-
-
-def _time(fn, iters):
-    """Median seconds per call over `iters` calls after 3 warm-up calls: the median, because on
-    a shared 2-core VM single calls are sometimes descheduled for milliseconds."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _rank(rank, world, port, iters, sizes, queue):
@@ -78,13 +64,13 @@ def _rank(rank, world, port, iters, sizes, queue):
             for name, tr in transports.items():
                 ep = ExpertParallel(rank, world, tr, CHUNK)
                 torch.distributed.barrier(group=groups.control)
-                row[name] = _time(lambda: one(ep), n)
+                row[name] = median_time(lambda: one(ep), n)
             d = dispatch(ExpertParallel(rank, world, transports["shm"], CHUNK), x[:CHUNK], weights[:CHUNK],
                          ids[:CHUNK], EXPERTS)
             sent = d.send_token_ids.numel() * (tokens // min(tokens, CHUNK))
             buf = torch.empty(2 * max(sent, 1), HIDDEN)
             src = torch.randn_like(buf)
-            row["memcpy"] = _time(lambda: buf.copy_(src), n)  # send + return bytes, one copy each
+            row["memcpy"] = median_time(lambda: buf.copy_(src), n)  # send + return bytes, one copy each
             results.append(row)
     for tr in transports.values():
         tr.close()

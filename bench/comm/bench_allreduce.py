@@ -18,25 +18,13 @@ import argparse
 import json
 import pickle
 import platform
-import statistics
-import time
 
 import torch
 import torch.multiprocessing as mp
+from timing import median_time  # bench/comm/timing.py (the script's folder is on sys.path)
 
 SIZES_KB = [8, 32, 128, 256, 512, 1024, 2048, 8192, 32768]
 DECODE_MAX_KB = 2048
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _rank(rank, world, port, iters, dtype_name, queue):
@@ -63,9 +51,9 @@ def _rank(rank, world, port, iters, dtype_name, queue):
         for name, fn in (("gloo", lambda: gloo(x)), ("one_shot", lambda: shm(x, "one_shot")),
                          ("two_shot", lambda: shm(x, "two_shot")), ("picked", lambda: shm(x))):
             dist.barrier(group=groups.control)
-            row[name] = _time(fn, n)
+            row[name] = median_time(fn, n)
         dst = torch.empty_like(x)
-        row["memcpy"] = _time(lambda: dst.copy_(x), n)
+        row["memcpy"] = median_time(lambda: dst.copy_(x), n)
         rows.append(row)
     shm.close()
     destroy_groups()

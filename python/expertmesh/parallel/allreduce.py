@@ -32,7 +32,6 @@ from __future__ import annotations
 import mmap
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +40,7 @@ import torch.distributed as dist
 
 from expertmesh._core import PhaseRing
 from expertmesh.errors import CollectiveError
-from expertmesh.parallel.shm import alive
+from expertmesh.parallel.shm import alive, map_segments
 
 _NUM_PHASES = 2
 # Per world size: (message bytes up to, algorithm) rows. Measured on the 2-core CPU VM
@@ -129,22 +128,8 @@ class ShmAllReduce:
         self.table = table if table is not None else DEFAULT_TABLE.get(world_size, DEFAULT_TABLE[4])
         self.stats = AllReduceStats()
         self._ring = PhaseRing(_NUM_PHASES)
-        token = [uuid.uuid4().hex if rank == 0 else None]
-        dist.broadcast_object_list(token, group=group, group_src=0)  # group rank 0, whatever its global rank
-        paths = [f"/dev/shm/expertmesh-tp-{token[0]}-{r}" for r in range(world_size)]
-        size = _Segment.size(world_size, self.max_bytes)
-        with open(paths[rank], "wb") as f:  # zero-filled: flags start at 0 (= no call yet)
-            f.truncate(size)
-        dist.barrier(group=group)
-        self._maps = []
-        for path in paths:
-            with open(path, "r+b") as f:
-                self._maps.append(mmap.mmap(f.fileno(), size))
+        self._maps = map_segments(group, rank, world_size, _Segment.size(world_size, self.max_bytes), "tp")
         self._segs = [_Segment(m, world_size, self.max_bytes) for m in self._maps]
-        for seg in self._segs:
-            seg.pids[rank] = os.getpid()
-        dist.barrier(group=group)  # everyone mapped everything: the files can go
-        os.unlink(paths[rank])
         self._pids = self._segs[rank].pids.copy()
         self._closed = False
 

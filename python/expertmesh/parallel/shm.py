@@ -118,6 +118,28 @@ def _put(dests: list[torch.Tensor], raws: list[torch.Tensor], index: list[torch.
             torch.index_select(raw, 0, ix[lo:hi], out=dst)  # writes into the (strided) view in place
 
 
+def map_segments(group: dist.ProcessGroup, rank: int, world_size: int, size: int, kind: str) -> list[mmap.mmap]:
+    """Every rank's /dev/shm segment of `size` bytes, mapped in this process: a collective over
+    `group`. A segment starts with R int64 process ids, which this fills in (a waiting rank tells
+    a dead peer by them); the files are unlinked once every rank mapped them, so nothing leaks
+    even if a process is killed. New files are zero-filled: flags start at 0 (= no call yet)."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, group=group, group_src=0)  # group rank 0, whatever its global rank
+    paths = [f"/dev/shm/expertmesh-{kind}-{token[0]}-{r}" for r in range(world_size)]
+    with open(paths[rank], "wb") as f:
+        f.truncate(size)
+    dist.barrier(group=group)
+    maps = []
+    for path in paths:
+        with open(path, "r+b") as f:
+            maps.append(mmap.mmap(f.fileno(), size))
+    for m in maps:
+        np.frombuffer(m, dtype=np.int64, count=world_size)[rank] = os.getpid()
+    dist.barrier(group=group)  # everyone mapped everything: the files can go
+    os.unlink(paths[rank])
+    return maps
+
+
 class ShmTransport(Transport):
     """Collective constructor: every rank of `group` must build one with the same sizes."""
 
@@ -128,22 +150,8 @@ class ShmTransport(Transport):
         self.rank, self.world_size, self.slot_rows, self.max_row_bytes = rank, world_size, slot_rows, max_row_bytes
         self.timeout_s = timeout_s
         self._ring = PhaseRing(_NUM_PHASES)
-        token = [uuid.uuid4().hex if rank == 0 else None]
-        dist.broadcast_object_list(token, src=0, group=group)
-        paths = [f"/dev/shm/expertmesh-ep-{token[0]}-{r}" for r in range(world_size)]
-        size = _Segment.nbytes(world_size, slot_rows, max_row_bytes)
-        with open(paths[rank], "wb") as f:  # zero-filled: flags start at 0 (= no call yet)
-            f.truncate(size)
-        dist.barrier(group=group)
-        self._maps = []
-        for path in paths:
-            with open(path, "r+b") as f:
-                self._maps.append(mmap.mmap(f.fileno(), size))
+        self._maps = map_segments(group, rank, world_size, _Segment.nbytes(world_size, slot_rows, max_row_bytes), "ep")
         self._segs = [_Segment(m, world_size, slot_rows, max_row_bytes) for m in self._maps]
-        for seg in self._segs:
-            seg.pids[rank] = os.getpid()
-        dist.barrier(group=group)  # everyone mapped everything: the files can go
-        os.unlink(paths[rank])
         self._pids = self._segs[rank].pids.copy()
         self._recv: dict[tuple[int, int, int], torch.Tensor] = {}  # receive buffers, see _recv_buffer
         self._closed = False
