@@ -261,5 +261,33 @@ class PhaseRing:
     @property
     def num_in_flight(self) -> int: ...
 
+@final
+class ShmRows:
+    """One rank's end of the shared-memory all-to-all's data path (parallel/shm.py lays out and
+    maps the segments; this moves the rows, with the GIL released).
+
+    Unsafe contract: `segments` are the addresses of every rank's mapped segment (8-aligned,
+    laid out as shm.py's module docstring says), kept mapped while this object is used;
+    every source address points at `rows` rows of `width` bytes, `stride` bytes apart."""
+
+    def __new__(cls, segments: list[int], rank: int, slot_rows: int, max_row_bytes: int, pids: list[int],
+                timeout_s: float, num_phases: int = 2) -> Self: ...
+    @property
+    def segment_bytes(self) -> int: ...
+    def send(self, phase: int, seq: int,
+             sources: list[tuple[int, int, int, int, npt.NDArray[np.int64] | None]],
+             send_counts: list[int], packed: bool) -> None:
+        """Writes send rows offsets[r]..offsets[r+1] (sources side by side; each source is
+        (address, row stride, row bytes, rows, gather index or None)) into rank r's slot
+        [phase, me], then publishes flag seq + 1. CoreError for rows too wide, too many rows for
+        a slot or a gather index out of range (nothing is written then)."""
+    def wait(self, phase: int, seq: int) -> list[int]:
+        """Rows each source sent once all of them published call seq. CollectiveError when a
+        peer's process died (within about a second) or after timeout_s."""
+    def add_rows_f32(self, phase: int, counts: list[int], out: npt.NDArray[np.float32],
+                     index: npt.NDArray[np.int64]) -> None:
+        """out[index[j]] += received packed f32 row j, sources in rank order. CoreError for an
+        index out of range."""
+
 def _panic_for_tests(message: str) -> None:
     """Panics in Rust (GIL released); raises pyo3's PanicException. For tests only."""

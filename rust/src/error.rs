@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 /// Everything the core rejects. `py.rs` maps every variant to the Python `CoreError`
-/// (a `ValueError` subclass).
+/// (a `ValueError` subclass), except the two peer failures, which are `CollectiveError`s.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CoreError {
     /// A numeric argument is outside its allowed range.
@@ -131,6 +131,31 @@ pub enum CoreError {
         /// Phase of the handle.
         phase: usize,
         /// Sequence number of the handle.
+        seq: u64,
+    },
+    /// A peer rank's process ended while this rank waited for its rows (shm_rows.rs).
+    #[error("rank {rank}: rank(s) {peers:?} died during shared-memory all-to-all call {seq}")]
+    PeerDied {
+        /// The waiting rank.
+        rank: usize,
+        /// The ranks whose processes are gone.
+        peers: Vec<usize>,
+        /// The call's sequence number.
+        seq: u64,
+    },
+    /// Peer ranks sent nothing for longer than the timeout (shm_rows.rs).
+    #[error(
+        "rank {rank}: no data from rank(s) {peers:?} for {seconds} s in shared-memory all-to-all \
+         call {seq}; ranks are out of lockstep or a peer hangs"
+    )]
+    PeerTimeout {
+        /// The waiting rank.
+        rank: usize,
+        /// The ranks not heard from.
+        peers: Vec<usize>,
+        /// The timeout.
+        seconds: u64,
+        /// The call's sequence number.
         seq: u64,
     },
     /// A previous call panicked half-way, so the object's state can no longer be trusted.

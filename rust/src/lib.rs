@@ -8,7 +8,9 @@
 //! - [`request`]: per-request state, plain data.
 //! - [`routing`]: top-k expert choices -> expert-sorted order and per-rank send counts.
 //! - [`a2a`]: expert-parallel dispatch/combine plans; [`a2a_buffers`]: worst-case buffer
-//!   capacity and the double-buffer phase ring.
+//!   capacity and the double-buffer phase ring; [`shm_rows`]: the shared-memory all-to-all's
+//!   data path (rows into peers' slots, flags, waits, adding returned rows); [`moe_exchange`]:
+//!   dispatch and combine over it, one call each.
 //! - `py` (feature `python`): the PyO3 module `expertmesh._core`; the only file using pyo3.
 
 pub mod a2a;
@@ -17,12 +19,14 @@ pub mod block_hash;
 pub mod block_pool;
 pub mod error;
 mod free_queue;
+pub mod moe_exchange;
 pub mod request;
 pub mod routing;
 mod schedule_step;
 pub mod scheduler;
 pub mod scheduler_config;
 mod scheduler_output;
+pub mod shm_rows;
 
 #[cfg(feature = "python")]
 mod py;
