@@ -89,6 +89,7 @@ def moe_both(rank, world, groups, top_k, chunk, routing):
     got = {}
     for tr in _transports(rank, world, groups, slot_rows=chunk, row_bytes=hidden * 4 + 12 * top_k):
         ep = ExpertParallel(rank, world, tr, chunk)
+        ep.begin_step()
         got[tr.name] = moe_forward(ep, x, weights, ids, num_experts,
                                    lambda xs, offs: expert_mlp_ref(xs, local[0], local[1], offs))
         tr.close()

@@ -5,6 +5,7 @@ including an idle rank, ranks without tokens, steps split into chunks and a dyin
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -104,17 +105,28 @@ def _assert_same(got, want):
 
 def test_ep2_shared_memory_equals_single_rank(mixtral_dir, reference):
     prompts, want, want_one = reference
+    allowed = sorted(os.sched_getaffinity(0))  # before rank 0 (this process) is bound
     # 4 tokens per rank per all-to-all call: every prefill is split into chunks.
     with LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2, ep_transport="shm",
-             ep_max_tokens_per_rank=4) as llm:
+             ep_max_tokens_per_rank=4, step_breakdown=True) as llm:
         _assert_same(_run(llm, prompts), want)
         _assert_same(_run(llm, prompts[:1]), want_one)  # one request: the other rank idles
         engine = llm.engine
+        ranks = engine.stats()["ranks"]
+        # Each rank runs on its own share of the cores (one thread per core), or all share one.
+        cores = [r["cpu_cores"] for r in ranks]
+        assert cores == ([[c] for c in allowed[:2]] if len(allowed) == 2 else
+                         [allowed[: len(allowed) // 2], allowed[len(allowed) // 2:]] if len(allowed) > 2 else
+                         [allowed, allowed])
+        for r in ranks:  # every step was timed, and the exchange sections saw time
+            ms = r["step_breakdown"]["ms_per_step"]
+            assert r["step_breakdown"]["steps"] > 0 and ms["all_to_all"] > 0 and ms["control"] > 0 and ms["experts"] > 0
         # The two prompts sharing a first block went to one rank (prefix-cache hits).
         load = llm.expert_load()
         assert len(load["rank_tokens"]) == 2 and all(len(layer) == 2 for layer in load["rank_tokens"])
         assert all(sum(layer) > 0 for layer in load["rank_tokens"])
         assert engine.pick_replica(prompts[3]) == engine.pick_replica(prompts[4])
+    assert sorted(os.sched_getaffinity(0)) == allowed  # closing gave the cores back
 
 
 def test_ep4_torch_transport_equals_single_rank(mixtral_dir, reference):

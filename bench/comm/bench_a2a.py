@@ -12,6 +12,7 @@ Legend: T tokens per rank, H hidden, k top-k, R ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 
 import torch
@@ -25,7 +26,9 @@ CHUNK = 1024  # tokens per rank per call at prefill (the registered capacity)
 
 
 def _rank(rank, world, port, iters, sizes, queue):
-    torch.set_num_threads(1)
+    from expertmesh.parallel.cpu_binding import bind_rank
+
+    bind_rank(os.environ.get("BIND", "auto"), rank, world)  # the engine's default: a share of the cores each
     from expertmesh.parallel.all_to_all import ExpertParallel, combine, dispatch
     from expertmesh.parallel.groups import RankInfo, destroy_groups, init_groups
     from expertmesh.parallel.shm import ShmTransport

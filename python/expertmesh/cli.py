@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -37,6 +38,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="EP all-to-all: auto = shared memory for CPU ranks on one host, else torch.distributed")
     par.add_argument("--ep-max-tokens-per-rank", type=int, default=None,
                      help="tokens per rank per all-to-all call (bigger steps are split)")
+    par.add_argument("--cpu-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                     help="cores per CPU rank: auto = split this host's cores evenly (one thread per core), "
+                          "nobind = torch's defaults, or lists per local rank like 0-3|4-7 "
+                          "(default: $VLLM_CPU_OMP_THREADS_BIND, else auto)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -55,6 +60,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         allreduce=args.allreduce,
         ep_transport=args.ep_transport,
         ep_max_tokens_per_rank=args.ep_max_tokens_per_rank,
+        cpu_bind=args.cpu_bind,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from expertmesh.errors import InvalidRequestError
 from expertmesh.models.loader import DTYPES
+from expertmesh.parallel.cpu_binding import parse_cpu_bind
 from expertmesh.parallel.layout import ParallelConfig
 
 
@@ -54,6 +55,11 @@ class EngineConfig:
     ep_transport: str = "auto"
     ep_max_tokens_per_rank: int | None = None
     ep_timeout_s: float = 60.0
+    # Cores per CPU rank on one host (parallel/cpu_binding.py): "auto" splits them evenly,
+    # "nobind" leaves torch's defaults, or "0-3|4-7" lists them per local rank (vLLM's spelling).
+    cpu_bind: str = "auto"
+    # Time each rank's steps by section (step_profile.py); stats() report it as step_breakdown.
+    step_breakdown: bool = False
     show_progress: bool = True
     model_path: Path = field(init=False)
     parallel: ParallelConfig = field(init=False)
@@ -77,6 +83,7 @@ class EngineConfig:
                     f"(use enable_expert_parallel with those instead)",
                     param="expert_parallel_size", value=self.expert_parallel_size)
             self.data_parallel_size, self.enable_expert_parallel = self.expert_parallel_size, True
+        parse_cpu_bind(self.cpu_bind)
         self.parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
         _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         if self.dtype != "auto" and self.dtype not in DTYPES:

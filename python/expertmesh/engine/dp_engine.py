@@ -5,10 +5,11 @@ its TP followers only run the model on the leader's batches (ModelRunner.follow)
 0 (`DPEngine`, in the process that made the LLM) is replica 0's leader and owns the request
 API: it validates and hands each request to a replica -- the least loaded one, except that
 requests whose first KV block of prompt tokens matches an earlier request's go to that one, so
-they keep their prefix-cache hits. Each step rank 0 broadcasts the new requests and aborts to
-the leaders, every leader runs one engine step (a leader with nothing scheduled runs an empty
-one that still joins every MoE all-to-all), and rank 0 gathers the outputs. Other leaders run
-`serve_leader`.
+they keep their prefix-cache hits. Each step rank 0 sends the leaders one command frame (new
+requests and aborts), every leader runs one engine step (a leader with nothing scheduled runs
+an empty one that still joins every MoE all-to-all) and replies with a frame of its outputs'
+deltas (dp_frames.py; moved by parallel/control_channel.py: shared memory on one host). Other
+leaders run `serve_leader`.
 
 A rank that dies makes the next collective fail: rank 0 raises CollectiveError (it also checks
 the processes it spawned before every step) and the survivors exit.
@@ -20,9 +21,10 @@ import logging
 from collections import OrderedDict
 
 import numpy as np
-import torch.distributed as dist
 
 from expertmesh.config import EngineConfig
+from expertmesh.engine.dp_frames import (STATS, STEP, STOP, OutputDeltas, OutputMirror, decode_add, encode_add, pack,
+                                         unpack)
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.request_state import EngineRequest
@@ -59,23 +61,33 @@ def _add_or_fail(engine: LLMEngine, req: EngineRequest, request_id: str) -> Requ
 
 def serve_leader(engine: LLMEngine, setup: RankSetup) -> None:
     """A replica leader other than rank 0: serve rank 0's commands until "stop"."""
-    group, replica = setup.groups.leaders, setup.layout.dp_rank
-    while True:
-        box: list = [None]
-        _collective(lambda: dist.broadcast_object_list(box, src=0, group=group), "receiving a command")
-        kind, payload = box[0]
-        if kind == "stop":
-            return
-        if kind == "step":
-            adds, aborts = payload
-            failed = [_add_or_fail(engine, req, request_id) for req, request_id in adds[replica]]
+    deltas = OutputDeltas()
+    while _serve_one(engine, setup, deltas):
+        pass
+
+
+def _serve_one(engine: LLMEngine, setup: RankSetup, deltas: OutputDeltas) -> bool:
+    """One command from rank 0; False once told to stop."""
+    channel, replica, profile = setup.control, setup.layout.dp_rank, setup.profile
+    assert channel is not None
+    with profile.step():
+        with profile.section("control"):
+            command = unpack(_collective(lambda: channel.broadcast(None), "receiving a command"))
+        if command[0] == STOP:
+            return False
+        if command[0] == STEP:
+            _, adds, aborts = command
+            failed = [_add_or_fail(engine, *decode_add(add)) for add in adds[replica]]
             for request_id in aborts[replica]:
                 engine.abort_request(request_id)
             outputs = [out for out in failed if out is not None] + engine.step()
-            _collective(lambda: dist.gather_object(outputs, None, dst=0, group=group), "sending outputs")
-        elif kind == "stats":
-            stats = engine.stats()
-            _collective(lambda: dist.gather_object(stats, None, dst=0, group=group), "sending stats")
+            with profile.section("control"):
+                reply = deltas.encode(outputs)
+                _collective(lambda: channel.gather(reply), "sending outputs")
+        elif command[0] == STATS:
+            reply = pack(engine.stats())
+            _collective(lambda: channel.gather(reply), "sending stats")
+    return True
 
 
 class DPEngine:
@@ -92,6 +104,7 @@ class DPEngine:
         self._owner: dict[str, int] = {}  # live request -> replica
         self._load = [0] * self.replicas  # live requests per replica
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self._mirror = OutputMirror()  # other replicas' requests, rebuilt from their replies
         self._adds: list[list] = [[] for _ in range(self.replicas)]
         self._aborts: list[list[str]] = [[] for _ in range(self.replicas)]
         self._next_id = 0
@@ -136,7 +149,8 @@ class DPEngine:
         if replica == 0:
             self.engine.add(req, request_id)
         else:
-            self._adds[replica].append((req, request_id))
+            self._adds[replica].append(encode_add(req, request_id))
+            self._mirror.expect(req, request_id)
         self._owner[request_id] = replica
         self._load[replica] += 1
         return request_id
@@ -148,7 +162,7 @@ class DPEngine:
         if replica == 0:
             self.engine.abort_request(request_id)
         else:
-            pending = [a for a in self._adds[replica] if a[1] != request_id]
+            pending = [a for a in self._adds[replica] if a[0] != request_id]
             if len(pending) == len(self._adds[replica]):
                 self._aborts[replica].append(request_id)
             self._adds[replica] = pending
@@ -157,6 +171,7 @@ class DPEngine:
 
     def _forget(self, request_id: str) -> None:
         replica = self._owner.pop(request_id, None)
+        self._mirror.forget(request_id)
         if replica is not None:
             self._load[replica] -= 1
 
@@ -165,25 +180,33 @@ class DPEngine:
 
     # ---- stepping ----------------------------------------------------------------------
 
-    def _command(self, kind: str, payload: object) -> None:
+    def _command(self, command: list) -> None:
         if self._closed:
             raise CollectiveError("the data-parallel engine is closed (a rank failed or close() was called)")
         self.setup.check_procs()
-        box = [(kind, payload)]
-        _collective(lambda: dist.broadcast_object_list(box, src=0, group=self.setup.groups.leaders), f"sending {kind}")
+        frame = pack(command)
+        with self.setup.profile.section("control"):
+            _collective(lambda: self.setup.control.broadcast(frame), f"sending {command[0]}")
 
-    def _gather(self, local: object, what: str) -> list:
-        out: list = [None] * self.replicas
-        _collective(lambda: dist.gather_object(local, out, dst=0, group=self.setup.groups.leaders), what)
-        return out
+    def _gather(self, frame: bytes, what: str) -> list[bytes]:
+        with self.setup.profile.section("control"):
+            return _collective(lambda: self.setup.control.gather(frame), what)
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step of every replica; outputs of all replicas' requests that advanced."""
+        with self.setup.profile.step():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         try:
-            self._command("step", (self._adds, self._aborts))
+            self._command([STEP, self._adds, self._aborts])
             self._adds = [[] for _ in range(self.replicas)]
             self._aborts = [[] for _ in range(self.replicas)]
-            outputs = [out for per in self._gather(self.engine.step(), "gathering outputs") for out in per]
+            outputs = self.engine.step()
+            replies = self._gather(b"", "gathering outputs")
+            with self.setup.profile.section("control"):
+                for reply in replies[1:]:
+                    outputs += self._mirror.decode(reply)
         except CollectiveError:
             self.close(graceful=False)
             raise
@@ -200,8 +223,9 @@ class DPEngine:
     def stats(self) -> dict[str, object]:
         """Replica 0's counters plus per-replica snapshots, tokens per expert summed over replicas
         ([layers][E]) and tokens per owning rank ([layers][R]): load imbalance at a glance."""
-        self._command("stats", None)
-        per_replica = self._gather(self.engine.stats(), "gathering stats")
+        self._command([STATS])
+        own = self.engine.stats()
+        per_replica = [own] + [unpack(reply) for reply in self._gather(b"", "gathering stats")[1:]]
         total = np.sum([np.asarray(s["expert_tokens"], dtype=np.int64) for s in per_replica], axis=0)  # [L, E]
         snapshot = dict(per_replica[0])
         snapshot["expert_tokens"] = total.tolist()
@@ -218,7 +242,7 @@ class DPEngine:
             return
         if graceful:
             try:
-                self._command("stop", None)
+                self._command([STOP])
             except CollectiveError:
                 graceful = False
         self._closed = True

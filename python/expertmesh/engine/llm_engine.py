@@ -161,12 +161,16 @@ class LLMEngine:
         )
         moe_layers = [m for m in self.runner.model.modules() if isinstance(m, FusedMoE)]
         snapshot["expert_tokens"] = [m.tokens_routed.tolist() for m in moe_layers]
+        if self.runner.profile.enabled:
+            snapshot["step_breakdown"] = self.runner.profile.snapshot()
         rank = self.runner.rank
         if rank is not None:
             layout = rank.layout.config
             snapshot["layout"] = {"tensor_parallel": layout.tensor_parallel_size,
                                   "data_parallel": layout.data_parallel_size,
                                   "expert_parallel": layout.expert_parallel_size}
+            if rank.binding is not None:
+                snapshot["cpu_cores"] = rank.binding.cores
             if rank.tp is not None:  # this rank's allreduce calls and bytes, per algorithm
                 stats = rank.tp.allreduce.stats
                 snapshot["allreduce"] = {"transport": rank.tp.allreduce.name, "calls": dict(stats.calls),
@@ -181,6 +185,10 @@ class LLMEngine:
         Failures stay with the requests they belong to: a failed forward pass ends the step's
         requests with reason "error" (their blocks are freed), a failed draw or detokenization
         ends only its own request, and the engine goes on serving the others."""
+        with self.runner.profile.step():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.is_empty and self._expert_parallel:
             self.runner.idle_step()  # lockstep: peers' MoE layers wait for this rank's (empty) share

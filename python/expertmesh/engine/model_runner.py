@@ -21,7 +21,9 @@ from expertmesh.layers.moe import FusedMoE
 from expertmesh.models.loader import load_model
 from expertmesh.parallel.apply import apply_parallelism
 from expertmesh.parallel.batch_channel import BATCH, IDLE, STOP
+from expertmesh.models.decoder import SelfAttentionBlock
 from expertmesh.parallel.launch import RankSetup
+from expertmesh.step_profile import StepProfile
 
 
 class ModelRunner:
@@ -46,9 +48,21 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model.num_layers, self.num_kv_blocks, config.block_size,
                                             self.model.num_kv_heads, self.model.head_dim, self.kv_cache_dtype,
                                             self.device)
+        self.profile = rank.profile if rank is not None else StepProfile(enabled=config.step_breakdown)
+        if self.profile.enabled:
+            self._time_sections()
         self._exchanges = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.exchange is not None]
         # The leader of a replica with TP followers hands them every step.
         self._channel = rank.channel if rank is not None and rank.layout.is_replica_leader else None
+
+    def _time_sections(self) -> None:
+        """Hooks that open the profile's attention and experts sections around those blocks."""
+        for module in self.model.modules():
+            name = "attention" if isinstance(module, SelfAttentionBlock) else \
+                "experts" if isinstance(module, FusedMoE) else None
+            if name is not None:
+                module.register_forward_pre_hook(lambda _m, _args, name=name: self.profile.push(name))
+                module.register_forward_hook(lambda _m, _args, _out: self.profile.pop())
 
     @property
     def parallel(self) -> bool:
@@ -66,11 +80,16 @@ class ModelRunner:
         still join every MoE layer's all-to-all with zero rows, so ranks with work never wait."""
         if self._channel is not None:
             self._channel.send(IDLE)
+        self._begin_step()
         hidden = self.model.config.hidden_size
         for moe in self._exchanges:
             x = torch.empty((0, hidden), dtype=self.dtype, device=self.device)  # [0, H]
             ids = torch.empty((0, moe.top_k), dtype=torch.long, device=self.device)  # [0, k]
             moe.experts(x, torch.empty((0, moe.top_k), dtype=torch.float32, device=self.device), ids)
+
+    def _begin_step(self) -> None:
+        if self.rank is not None and self.rank.ep is not None:
+            self.rank.ep.begin_step()
 
     def _tensor(self, array, dtype: torch.dtype) -> torch.Tensor:
         # torch.from_numpy shares the scheduler's buffer; .to() copies only when it must.
@@ -81,6 +100,7 @@ class ModelRunner:
         """Compute one step; returns fp32 logits [S, V] for the requests that sample."""
         if self._channel is not None:
             self._channel.send(BATCH, batch)
+        self._begin_step()
         input_ids = self._tensor(batch.input_ids, torch.long)  # [T]
         meta = AttentionMetadata(
             positions=self._tensor(batch.positions, torch.long),  # [T]

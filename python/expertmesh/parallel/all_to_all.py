@@ -28,6 +28,7 @@ import torch
 
 from expertmesh._core import A2aCapacity, plan_dispatch, plan_receive
 from expertmesh.parallel.transport import Received, Transport
+from expertmesh.step_profile import StepProfile
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [Q, H], offsets [El+1]) -> [Q, H]
 
@@ -40,8 +41,25 @@ class ExpertParallel:
     world_size: int
     transport: Transport
     max_tokens_per_rank: int
+    profile: StepProfile = field(default_factory=StepProfile)  # the rank's step breakdown
     _capacity: dict[tuple[int, int], A2aCapacity] = field(default_factory=dict)
     _combine_out: torch.Tensor | None = None  # [T, H] fp32, see combine_buffer
+    _step_tokens: int | None = None  # this step's tokens per MoE call on this rank, once agreed
+    _step_max: int = 0  # the most tokens any rank has this step (agreed by the first MoE layer)
+
+    def begin_step(self) -> None:
+        """A new forward pass: its first MoE layer agrees on the chunk count with the other ranks
+        and the others reuse it (one agreement per step instead of one per layer)."""
+        self._step_tokens = None
+
+    def step_max_tokens(self, num_tokens: int) -> int:
+        """The largest token count over ranks this step; a collective on the step's first call."""
+        if self._step_tokens is None:
+            self._step_max, self._step_tokens = self.transport.all_max(num_tokens), num_tokens
+        elif num_tokens != self._step_tokens:  # every layer of a step has the same tokens: a caller bug
+            raise RuntimeError(f"MoE layer got {num_tokens} tokens after {self._step_tokens} in the same step; "
+                               "call begin_step() before every forward pass")
+        return self._step_max
 
     def expert_range(self, num_experts: int) -> tuple[int, int]:
         """[lo, hi) of the experts this rank owns."""
@@ -130,19 +148,35 @@ def moe_forward(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids:
                 num_experts: int, expert_fn: ExpertFn) -> torch.Tensor:
     """The expert half of an MoE layer across ranks: x [T, H] -> [T, H] in x's dtype.
 
-    Every rank of the group must call this for the same layers in the same order, T = 0 included.
+    Every rank of the group must call this for the same layers in the same order, T = 0 included,
+    after ep.begin_step() at the start of each forward pass.
     """
     num_tokens, top_k = ids.shape
     cap = ep.capacity(top_k, num_experts)
     chunk = cap.max_tokens_per_rank
-    num_chunks = cap.num_chunks(ep.transport.all_max(num_tokens))  # every rank runs this many calls
+    num_chunks = cap.num_chunks(ep.step_max_tokens(num_tokens))  # every rank runs this many calls
+    if num_chunks == 1:  # decode and small prefills: no chunk copies
+        return _one_call(ep, x, weights, ids, num_experts, expert_fn).to(x.dtype)
     out = torch.empty((num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
     for c in range(num_chunks):
         lo, hi = min(c * chunk, num_tokens), min((c + 1) * chunk, num_tokens)  # may be empty here
-        d = dispatch(ep, x[lo:hi], weights[lo:hi], ids[lo:hi], num_experts)
-        partial = run_local_experts(ep, d, expert_fn, num_experts)
-        out[lo:hi] = combine(ep, d, partial, hi - lo).to(x.dtype)
+        out[lo:hi] = _one_call(ep, x[lo:hi], weights[lo:hi], ids[lo:hi], num_experts, expert_fn).to(x.dtype)
     return out
+
+
+def _one_call(ep: ExpertParallel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+              expert_fn: ExpertFn) -> torch.Tensor:
+    """Dispatch, experts and combine for at most max_tokens_per_rank tokens: [T, H] fp32, a view
+    of the combine buffer (valid until the next call)."""
+    if ep.transport.fused_moe:  # shared memory: the exchanges are two Rust calls
+        summed = ep.combine_buffer(x.shape[0], x.shape[1], x.device)  # [T, H] fp32 zeroed
+        ep.transport.moe_exchange(x, weights, ids, num_experts, expert_fn, summed)
+        return summed
+    with ep.profile.section("all_to_all"):
+        d = dispatch(ep, x, weights, ids, num_experts)
+    partial = run_local_experts(ep, d, expert_fn, num_experts)
+    with ep.profile.section("all_to_all"):
+        return combine(ep, d, partial, x.shape[0])
 
 
 def tokens_per_rank(tokens_per_expert: np.ndarray, world_size: int) -> np.ndarray:

@@ -25,6 +25,14 @@ class RankInfo:
     world_size: int
     master_addr: str
     master_port: int
+    local_rank: int = -1  # place among the ranks on this host (LOCAL_RANK); -1: same as rank
+    local_world_size: int = -1  # ranks on this host (LOCAL_WORLD_SIZE); -1: same as world_size
+
+    def __post_init__(self) -> None:
+        if self.local_rank < 0:
+            object.__setattr__(self, "local_rank", self.rank)
+        if self.local_world_size < 0:
+            object.__setattr__(self, "local_world_size", self.world_size)
 
 
 def rank_info_from_env() -> RankInfo | None:
@@ -36,6 +44,8 @@ def rank_info_from_env() -> RankInfo | None:
         world_size=int(os.environ["WORLD_SIZE"]),
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(os.environ.get("MASTER_PORT", "29500")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "-1")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "-1")),
     )
 
 

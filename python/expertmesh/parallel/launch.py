@@ -4,8 +4,9 @@
 variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the engine config as JSON; the
 calling process is rank 0. Under torchrun (or any launcher that sets those variables) nothing
 is spawned: every process is already a rank. `setup_rank` joins the groups and builds what the
-rank's model needs -- its place in the layout, the TP allreduce, the EP transport, the batch
-channel of its replica -- as one `RankSetup`, which apply.py and the model runner read.
+rank's model needs -- its cores and threads (cpu_binding.py), its place in the layout, the TP
+allreduce, the EP transport, the batch channel of its replica, the DP control channel -- as
+one `RankSetup`, which apply.py and the model runner read.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from expertmesh.models.registry import get_model_class
 from expertmesh.parallel.all_to_all import ExpertParallel
 from expertmesh.parallel.allreduce import ShmAllReduce, TorchAllReduce
 from expertmesh.parallel.batch_channel import BatchChannel
+from expertmesh.parallel.control_channel import ShmControlChannel, TorchControlChannel
+from expertmesh.parallel.cpu_binding import CpuBinding, bind_rank
 from expertmesh.parallel.groups import Groups, RankInfo, destroy_groups, init_groups
 from expertmesh.parallel.layout import RankLayout
 from expertmesh.parallel.shm import ShmTransport
 from expertmesh.parallel.tensor_parallel import TensorParallel
+from expertmesh.step_profile import StepProfile
 from expertmesh.parallel.transport import TorchTransport, Transport
 
 CONFIG_ENV = "EXPERTMESH_RANK_CONFIG"
@@ -45,7 +49,8 @@ def spawn_workers(config: EngineConfig, info: RankInfo, module: str) -> list[sub
     procs = []
     for rank in range(1, info.world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(info.world_size), MASTER_ADDR=info.master_addr,
-                   MASTER_PORT=str(info.master_port), LOCAL_RANK=str(rank), **{CONFIG_ENV: config_to_json(config)})
+                   MASTER_PORT=str(info.master_port), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(info.world_size), **{CONFIG_ENV: config_to_json(config)})
         procs.append(subprocess.Popen([sys.executable, "-m", module], env=env))
     return procs
 
@@ -59,6 +64,9 @@ class RankSetup:
     tp: TensorParallel | None  # None with one TP rank
     ep: ExpertParallel | None  # None with expert parallelism off
     channel: BatchChannel | None  # the replica's batch broadcast; None with one TP rank
+    control: ShmControlChannel | TorchControlChannel | None = None  # rank 0 <-> leaders; None: 1 replica, follower
+    binding: CpuBinding | None = None  # this rank's cores and threads (cpu_binding.py); None: unbound
+    profile: StepProfile = field(default_factory=StepProfile)  # this rank's step breakdown (off unless asked)
     procs: list[subprocess.Popen] = field(default_factory=list)  # ranks this process spawned
 
     def check_procs(self) -> None:
@@ -82,7 +90,12 @@ class RankSetup:
             self.tp.close()
         if self.ep is not None:
             self.ep.transport.close()
+        if self.control is not None:
+            self.control.close()
         destroy_groups()
+        if self.binding is not None:
+            self.binding.restore()
+            self.binding = None
 
 
 def _row_bytes(config: EngineConfig, device: torch.device) -> tuple[int, int]:
@@ -94,7 +107,7 @@ def _row_bytes(config: EngineConfig, device: torch.device) -> tuple[int, int]:
     return max(cfg.hidden_size * elem + 12 * cfg.top_k, 4 * cfg.hidden_size), 4 * cfg.hidden_size
 
 
-def make_transport(config: EngineConfig, groups: Groups, device: torch.device) -> Transport:
+def make_transport(config: EngineConfig, groups: Groups, device: torch.device, profile: StepProfile) -> Transport:
     """Shared memory for CPU ranks on one host (unless told otherwise), else torch.distributed."""
     kind = config.ep_transport
     if kind == "auto":
@@ -104,7 +117,7 @@ def make_transport(config: EngineConfig, groups: Groups, device: torch.device) -
     if device.type != "cpu" or not groups.same_host:
         raise ValueError("ep_transport 'shm' needs CPU ranks on one host; use 'torch' (or 'auto')")
     return ShmTransport(groups.control, groups.rank, groups.world_size, max_tokens_per_rank(config),
-                        _row_bytes(config, device)[0], timeout_s=config.ep_timeout_s)
+                        _row_bytes(config, device)[0], timeout_s=config.ep_timeout_s, profile=profile)
 
 
 def make_allreduce(config: EngineConfig, groups: Groups, layout: RankLayout, device: torch.device):
@@ -132,10 +145,17 @@ def setup_rank(config: EngineConfig, info: RankInfo) -> RankSetup:
     tp_size = config.parallel.tensor_parallel_size
     groups = init_groups(info, device, config.ep_timeout_s, tp_size)
     tp = channel = ep = None
+    profile = StepProfile(enabled=config.step_breakdown)
     if tp_size > 1:
         tp = TensorParallel(layout.tp_rank, tp_size, make_allreduce(config, groups, layout, device))
         channel = BatchChannel(groups.tp_control, leader=layout.tp_ranks[0])
     if config.parallel.enable_expert_parallel:
-        ep = ExpertParallel(info.rank, info.world_size, make_transport(config, groups, device),
-                            max_tokens_per_rank(config))
-    return RankSetup(layout, groups, tp, ep, channel)
+        ep = ExpertParallel(info.rank, info.world_size, make_transport(config, groups, device, profile),
+                            max_tokens_per_rank(config), profile)
+    control = None
+    if config.parallel.data_parallel_size > 1 and layout.is_replica_leader:
+        # Shared memory between CPU leaders on one host (whatever the device of the model: it moves Python data).
+        make = ShmControlChannel if groups.same_host else TorchControlChannel
+        control = make(groups.leaders, layout.dp_rank, config.parallel.data_parallel_size)
+    binding = bind_rank(config.cpu_bind, info.local_rank, info.local_world_size) if device.type == "cpu" else None
+    return RankSetup(layout, groups, tp, ep, channel, control, binding, profile)

@@ -9,7 +9,8 @@ unlinked so nothing leaks even if a process is killed). Layout of rank d's segme
     data   uint8 [P, R, C, Wmax]  receive slots: phase p, source s, C rows of Wmax bytes
 
 A call: take the next phase from the Rust PhaseRing, write rows straight into every
-destination's slot [p, me] (my own segment's included; gathered there by index_select when the
+destination's slot [p, me] (the row writes, flags and waits run in Rust, _core.ShmRows,
+rust/src/shm_rows.rs, with the GIL released; this file lays out and maps the segments) (my own segment's included; gathered there by index_select when the
 caller passes a gather index: no staging copy on the sender) with their counts, and only then
 publish the flags; wait until all R flags of my slot p read seq + 1, take the rows, release the
 phase. Flags carry the sequence number, so a stale flag from two calls ago never matches. Two
@@ -26,11 +27,16 @@ Taking the rows, three ways:
                  valid through the next call (a buffer is rewritten two calls later).
   exchange_rows  copies nothing: returns typed views of the slots plus the slot row of each
                  received row (dispatch: the expert GEMMs gather their input from there).
-  exchange_add   index_add_s each source's rows from its slot into the caller's output
-                 (combine), again without a copy out.
+  exchange_add   adds each source's rows from its slot into the caller's output (combine),
+                 again without a copy out (f32 rows: in Rust).
+And expert parallelism's own call, moe_exchange (all_to_all.py uses it when a transport has
+`fused_moe`): dispatch and combine as one Rust call each (rust/src/moe_exchange.rs) around the
+expert GEMMs, which read their input from the slots. Measured fixed cost on the 2-core VM:
+bench/comm (one-token calls).
 
-A peer that dies leaves its flag unset: the wait checks peers' pids and raises CollectiveError
-within about a second, and gives up after `timeout_s` in any case, so nothing hangs.
+A peer that dies leaves its flag unset: the wait spins briefly, then yields (a rank sharing the
+core gets it), then naps; it checks peers' pids and raises CollectiveError within about a
+second, and gives up after `timeout_s` in any case, so nothing hangs.
 
 Legend: R ranks, P phases (2), C slot rows (capacity per source), Wmax bytes per row.
 """
@@ -39,17 +45,16 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 import uuid
-from itertools import accumulate
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from expertmesh._core import PhaseHandle, PhaseRing
+from expertmesh._core import PhaseHandle, PhaseRing, ShmRows
 from expertmesh.errors import CollectiveError
 from expertmesh.parallel.transport import Received, Transport, as_bytes, from_bytes, row_bytes
+from expertmesh.step_profile import StepProfile
 
 _NUM_PHASES = 2
 
@@ -144,17 +149,78 @@ class ShmTransport(Transport):
     """Collective constructor: every rank of `group` must build one with the same sizes."""
 
     name = "shm"
+    fused_moe = True
 
     def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int, slot_rows: int,
-                 max_row_bytes: int, timeout_s: float = 60.0) -> None:
+                 max_row_bytes: int, timeout_s: float = 60.0, profile: StepProfile | None = None) -> None:
         self.rank, self.world_size, self.slot_rows, self.max_row_bytes = rank, world_size, slot_rows, max_row_bytes
         self.timeout_s = timeout_s
+        self.profile = profile or StepProfile()
         self._ring = PhaseRing(_NUM_PHASES)
         self._maps = map_segments(group, rank, world_size, _Segment.nbytes(world_size, slot_rows, max_row_bytes), "ep")
         self._segs = [_Segment(m, world_size, slot_rows, max_row_bytes) for m in self._maps]
-        self._pids = self._segs[rank].pids.copy()
+        self._rows = ShmRows([np.frombuffer(m, dtype=np.uint8).ctypes.data for m in self._maps], rank, slot_rows,
+                             max_row_bytes, self._segs[rank].pids.tolist(), timeout_s, _NUM_PHASES)
         self._recv: dict[tuple[int, int, int], torch.Tensor] = {}  # receive buffers, see _recv_buffer
+        self._hidden: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}  # typed slot views, see moe_exchange
         self._closed = False
+
+    def moe_exchange(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                     expert_fn, out: torch.Tensor) -> None:
+        """Dispatch, the local experts and combine for one chunk, the exchanges in Rust
+        (_core.ShmRows.dispatch_moe / combine_moe, moe_exchange.rs): x [T, H], weights/ids
+        [T, k]; adds every token's expert sum into out [T, H] fp32 (zeroed by the caller).
+        The same arithmetic as all_to_all's dispatch / run_local_experts / combine."""
+        x = x if x.is_contiguous() else x.contiguous()
+        ids = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()  # [T, k]
+        if weights.dtype != torch.float32 or not weights.is_contiguous():
+            weights = weights.to(torch.float32).contiguous()  # [T, k]
+        elem = x.element_size()
+        handle = self._exchange_begin()
+        try:
+            d = self._rows.dispatch_moe(handle.phase, handle.seq,
+                                        (x.data_ptr(), x.stride(0) * elem, x.shape[1] * elem, x.shape[0]),
+                                        ids.numpy(), weights.numpy(), num_experts)
+        except CollectiveError:
+            self._exchange_end(handle, failed=True)
+            raise
+        self._exchange_end(handle)
+        # The pairs' hidden states, gathered from where they landed (valid until the next call
+        # has read its inputs: combine reads none of them).
+        slots = self._hidden_slots(handle.phase, x.dtype, x.shape[1])  # [R*C, H] strided rows
+        x_sorted = slots.index_select(0, torch.from_numpy(d.pair_rows))  # [Q, H]
+        y = expert_fn(x_sorted, torch.from_numpy(d.expert_offsets)).to(torch.float32).contiguous()  # [Q, H]
+        handle = self._exchange_begin()
+        try:
+            self._rows.combine_moe(handle.phase, handle.seq, d, y.numpy(), out.numpy())
+        except CollectiveError:
+            self._exchange_end(handle, failed=True)
+            raise
+        self._exchange_end(handle)
+
+    def _exchange_begin(self) -> PhaseHandle:
+        """One fused call starts: its time counts as all_to_all, less what Rust spent waiting."""
+        if self._closed:
+            raise CollectiveError("the shared-memory transport is closed")
+        self._waited = self._rows.waited_s
+        self.profile.push("all_to_all")
+        return self._ring.acquire()
+
+    def _exchange_end(self, handle: PhaseHandle, failed: bool = False) -> None:
+        self._closed = self._closed or failed  # a peer died or timed out: nothing can follow
+        self._ring.release(handle)
+        self.profile.pop()
+        self.profile.move("all_to_all", "wait", self._rows.waited_s - self._waited)
+
+    def _hidden_slots(self, phase: int, dtype: torch.dtype, hidden: int) -> torch.Tensor:
+        """[R*C, H] view (of `dtype`) of the hidden states at the start of phase `phase`'s slot rows."""
+        key = (phase, dtype, hidden)
+        view = self._hidden.get(key)
+        if view is None:
+            raw = self._segs[self.rank].tdata[phase].view(self.world_size * self.slot_rows, self.max_row_bytes)
+            elem = torch.empty((), dtype=dtype).element_size()
+            view = self._hidden[key] = raw[:, : hidden * elem].view(dtype)  # x's rows start every slot row
+        return view
 
     def exchange_counts(self, values: list[int]) -> list[int]:
         handle, counts = self._send_and_wait([], [], list(values), packed=True)  # counts only, no rows
@@ -190,14 +256,20 @@ class ShmTransport(Transport):
         if counts != list(recv_counts):
             self._ring.release(handle)
             raise CollectiveError(f"rank {self.rank}: expected {list(recv_counts)} rows from each rank, got {counts}")
-        slots = self._segs[self.rank].tdata[handle.phase]  # [R, C, Wmax]
-        row = 0
-        for src, n in enumerate(counts):  # straight from the slot: no copy out (module comment)
-            if n:
-                rows = _typed(_packed(slots[src], n, widths[0]), tensor)  # [n, H], contiguous
-                out.index_add_(0, index[row : row + n], rows.to(out.dtype))
-            row += n
-        self._ring.release(handle)
+        try:
+            fast = tensor.dtype == out.dtype == torch.float32 and out.is_contiguous() and index.is_contiguous()
+            if fast:  # combine's case: the adds in Rust
+                self._rows.add_rows_f32(handle.phase, counts, out.numpy(), index.numpy())
+                return
+            slots = self._segs[self.rank].tdata[handle.phase]  # [R, C, Wmax]
+            row = 0
+            for src, n in enumerate(counts):  # straight from the slot: no copy out (module comment)
+                if n:
+                    rows = _typed(_packed(slots[src], n, widths[0]), tensor)  # [n, H], contiguous
+                    out.index_add_(0, index[row : row + n], rows.to(out.dtype))
+                row += n
+        finally:
+            self._ring.release(handle)
 
     def _prepare(self, tensors, send_counts, gather):
         """Byte views, gather indices and row widths of the tensors to send; checks they fit."""
@@ -217,28 +289,22 @@ class ShmTransport(Transport):
                        send_counts: list[int], packed: bool) -> tuple[PhaseHandle, list[int]]:
         """Write every destination's rows into its slot, then publish; wait for all sources.
         Returns the phase handle (the caller releases it) and the rows each source sent.
+        Both halves run in Rust (_core.ShmRows) with the GIL released.
 
         packed: rows W bytes apart (contiguous) instead of Wmax apart; see _packed."""
         if self._closed:
             raise CollectiveError("the shared-memory transport is closed")
         handle = self._ring.acquire()
-        p, flag = handle.phase, handle.seq + 1
-        me, world = self.rank, self.world_size
-        widths = [r.shape[1] for r in raws]
-        offsets = list(accumulate(send_counts, initial=0))  # [R+1] first sent row per destination
-        dests = [(me + step) % world for step in range(1, world + 1)]  # peers from the next rank on, me last
-        for dest in dests:
-            lo, hi = offsets[dest], offsets[dest + 1]
-            seg = self._segs[dest]
-            if hi > lo:
-                slot = _packed(seg.tdata[p, me], hi - lo, sum(widths)) if packed else seg.tdata[p, me, : hi - lo]
-                _put(_columns(slot, widths), raws, index, lo, hi)  # gather + write in one pass
-            seg.counts[p, me] = hi - lo
-        for dest in dests:  # only once every row is out: inputs may be views of my slots (module comment)
-            self._segs[dest].flags[p, me] = flag
-        mine = self._segs[me]
-        self._wait(mine.flags[p], flag, handle.seq)
-        return handle, mine.counts[p].tolist()
+        sources = [(raw.data_ptr(), raw.stride(0), raw.shape[1], raw.shape[0], None if ix is None else ix.numpy())
+                   for raw, ix in zip(raws, index)]
+        self._rows.send(handle.phase, handle.seq, sources, send_counts, packed)
+        try:
+            with self.profile.section("wait"):
+                counts = self._rows.wait(handle.phase, handle.seq)
+        except CollectiveError:
+            self._closed = True
+            raise
+        return handle, counts
 
     def _recv_buffer(self, phase: int, i: int, width: int, rows: int) -> torch.Tensor:
         """[rows, width] uint8 view of a buffer this rank keeps per (phase, tensor, width).
@@ -252,37 +318,10 @@ class ShmTransport(Transport):
             buf = self._recv[key] = torch.empty((rows, width), dtype=torch.uint8)
         return buf[:rows]
 
-    def _wait(self, flags: np.ndarray, want: int, seq: int) -> None:
-        if (flags == want).all():
-            return
-        start = time.monotonic()
-        last_check = start
-        spins = 0
-        while not (flags == want).all():
-            spins += 1
-            if spins > 16:  # a short spin catches a peer that is mid-write on another core; then
-                # yield, so with more ranks than cores the peer we wait for gets the core (measured:
-                # yielding after 16 spins instead of 64 halves R=4 decode on 2 cores); nap when idle long
-                os.sched_yield() if spins < 4096 else time.sleep(50e-6)
-            now = time.monotonic()
-            if now - last_check > 0.5:
-                last_check = now
-                missing = [s for s in range(self.world_size) if flags[s] != want]
-                dead = [s for s in missing if not alive(int(self._pids[s]))]
-                if dead:
-                    self._closed = True
-                    raise CollectiveError(
-                        f"rank {self.rank}: rank(s) {dead} died during shared-memory all-to-all call {seq}"
-                    )
-                if now - start > self.timeout_s:
-                    self._closed = True
-                    raise CollectiveError(
-                        f"rank {self.rank}: no data from rank(s) {missing} for {self.timeout_s:.0f} s in "
-                        f"shared-memory all-to-all call {seq}; ranks are out of lockstep or a peer hangs"
-                    )
-
     def close(self) -> None:
         self._closed = True
+        self._rows = None
+        self._hidden = {}
         self._segs = []
         self._recv = {}
         for m in self._maps:

@@ -54,6 +54,7 @@ class Transport(ABC):
     rank: int
     world_size: int
     name: str
+    fused_moe = False  # True: moe_exchange() runs dispatch + experts + combine itself (ShmTransport)
 
     @abstractmethod
     def exchange_counts(self, values: list[int]) -> list[int]:
