@@ -1,11 +1,20 @@
-"""Dispatch + combine time of the expert-parallel all-to-all: shared memory vs gloo
-all_to_all_single, in one run, against the memcpy floor.
+"""Dispatch + combine time of the expert-parallel all-to-all: gloo all_to_all_single, the
+shared-memory transport's generic calls and its fused Rust path, in one run, against the
+memcpy floor.
 
-    .venv/bin/python bench/comm/bench_a2a.py [--ranks 2 4] [--iters 20] [--tokens 16 64 256 4096]
+    .venv/bin/python bench/comm/bench_a2a.py [--ranks 2 4] [--iters 20] [--tokens 1 16 64 256 4096]
 
-Each rank routes T random tokens (hidden 4096, fp32, 64 experts, top-k) and times
-dispatch + combine (no expert math: the received rows go straight back). The floor is one
-local copy of the same bytes a rank sends and receives (torch copy_ of contiguous buffers).
+Each rank routes T random tokens (hidden 4096, fp32, 64 experts, top-k) and times what
+moe_forward runs around the expert GEMMs, with identity experts: dispatch, gathering the
+pairs' inputs by local expert, each row's weighted sum over its slots, combine. gloo and shm:
+the generic path (all_to_all.dispatch / run_local_experts / combine, torch ops around the
+transport calls); shm-fused: ShmTransport.moe_exchange (two Rust calls and a Rust gather), the
+path the engine takes on shared memory. T = 1 measures the fixed cost of a dispatch+combine pair.
+The floor is one local copy of the same bytes a rank sends and receives (torch copy_ of
+contiguous buffers). "1-rank" is what one rank does for the same tokens without any exchange:
+gather the T*k (token, slot) inputs and sum each token's k slots with their weights (the
+single-rank MoE's own gather and sum, in torch), for scale. Ranks are bound as the engine binds
+them (cpu_binding.py).
 Legend: T tokens per rank, H hidden, k top-k, R ranks.
 """
 
@@ -20,7 +29,11 @@ import torch.multiprocessing as mp
 from timing import median_time  # bench/comm/timing.py (the script's folder is on sys.path)
 
 HIDDEN, EXPERTS = 4096, 64
-DECODE = [16, 64, 256]
+
+
+def identity(xs, _offsets):
+    return xs
+DECODE = [1, 16, 64, 256]
 PREFILL = 4096
 CHUNK = 1024  # tokens per rank per call at prefill (the registered capacity)
 
@@ -29,7 +42,7 @@ def _rank(rank, world, port, iters, sizes, queue):
     from expertmesh.parallel.cpu_binding import bind_rank
 
     bind_rank(os.environ.get("BIND", "auto"), rank, world)  # the engine's default: a share of the cores each
-    from expertmesh.parallel.all_to_all import ExpertParallel, combine, dispatch
+    from expertmesh.parallel.all_to_all import ExpertParallel, combine, dispatch, run_local_experts
     from expertmesh.parallel.groups import RankInfo, destroy_groups, init_groups
     from expertmesh.parallel.shm import ShmTransport
     from expertmesh.parallel.transport import TorchTransport
@@ -60,20 +73,30 @@ def _rank(rank, world, port, iters, sizes, queue):
                 for lo in range(0, tokens, CHUNK):
                     hi = min(lo + CHUNK, tokens)
                     d = dispatch(ep, x[lo:hi], weights[lo:hi], ids[lo:hi], EXPERTS)
-                    combine(ep, d, d.x, hi - lo)  # the received rows go back as they landed
+                    combine(ep, d, run_local_experts(ep, d, identity, EXPERTS), hi - lo)
+
+            def fused(ep):
+                for lo in range(0, tokens, CHUNK):
+                    hi = min(lo + CHUNK, tokens)
+                    out = ep.combine_buffer(hi - lo, HIDDEN, x.device)
+                    ep.transport.moe_exchange(x[lo:hi], weights[lo:hi], ids[lo:hi], EXPERTS, identity, out)
 
             row = {"top_k": top_k, "tokens": tokens}
             n = iters if tokens < PREFILL else max(3, iters // 10)
-            for name, tr in transports.items():
+            for name, tr, fn in [("gloo", transports["gloo"], one), ("shm", transports["shm"], one),
+                                 ("shm-fused", transports["shm"], fused)]:
                 ep = ExpertParallel(rank, world, tr, CHUNK)
                 torch.distributed.barrier(group=groups.control)
-                row[name] = median_time(lambda: one(ep), n)
+                row[name] = median_time(lambda: fn(ep), n)
             d = dispatch(ExpertParallel(rank, world, transports["shm"], CHUNK), x[:CHUNK], weights[:CHUNK],
                          ids[:CHUNK], EXPERTS)
             sent = d.send_token_ids.numel() * (tokens // min(tokens, CHUNK))
             buf = torch.empty(2 * max(sent, 1), HIDDEN)
             src = torch.randn_like(buf)
             row["memcpy"] = median_time(lambda: buf.copy_(src), n)  # send + return bytes, one copy each
+            pair_tokens = torch.arange(tokens).repeat_interleave(top_k)  # [T*k]
+            row["local"] = median_time(
+                lambda: (x.index_select(0, pair_tokens).view(tokens, top_k, HIDDEN) * weights.unsqueeze(-1)).sum(1), n)
             results.append(row)
     for tr in transports.values():
         tr.close()
@@ -92,8 +115,9 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"hidden {HIDDEN} fp32, {EXPERTS} experts, random routing; times per dispatch+combine (ms), "
           f"rank 0 of R; prefill runs in chunks of {CHUNK} tokens")
-    print("| R | top-k | tokens/rank | gloo ms | shm ms | gloo/shm | memcpy floor ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| R | top-k | tokens/rank | gloo ms | shm ms | shm-fused ms | gloo/fused | 1-rank ms | memcpy floor ms | "
+          "fused/floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for world in args.ranks:
         queue = ctx.Queue()
         port = free_port()
@@ -105,11 +129,11 @@ def main() -> None:
             p.join()
         # Report the slowest rank per row: a collective is done when its last rank is.
         for i, row in enumerate(rows[0]):
-            gloo = max(r[i]["gloo"] for r in rows)
-            shm = max(r[i]["shm"] for r in rows)
-            memcpy = max(r[i]["memcpy"] for r in rows)
-            print(f"| {world} | {row['top_k']} | {row['tokens']} | {gloo * 1e3:.2f} | {shm * 1e3:.2f} | "
-                  f"{gloo / shm:.1f}x | {memcpy * 1e3:.2f} |", flush=True)
+            gloo, shm, fused, local, memcpy = (max(r[i][k] for r in rows)
+                                               for k in ("gloo", "shm", "shm-fused", "local", "memcpy"))
+            print(f"| {world} | {row['top_k']} | {row['tokens']} | {gloo * 1e3:.3f} | {shm * 1e3:.3f} | "
+                  f"{fused * 1e3:.3f} | {gloo / fused:.1f}x | {local * 1e3:.3f} | {memcpy * 1e3:.3f} | "
+                  f"{fused / memcpy:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

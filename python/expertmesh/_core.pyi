@@ -17,6 +17,7 @@ from expertmesh.errors import CoreError as CoreError
 __all__ = [
     "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
+    "ShmRows", "MoeDispatch",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
@@ -262,6 +263,23 @@ class PhaseRing:
     def num_in_flight(self) -> int: ...
 
 @final
+class MoeDispatch:
+    """What a shared-memory MoE dispatch received; ShmRows.combine_moe takes it back."""
+
+    @property
+    def pair_rows(self) -> npt.NDArray[np.int64]:
+        """[Q] slot row of each (row, slot) pair's hidden state, pairs grouped by local expert."""
+    @property
+    def expert_offsets(self) -> npt.NDArray[np.int64]:
+        """[El+1] exclusive prefix sums of pairs per local expert."""
+    @property
+    def send_counts(self) -> list[int]: ...
+    @property
+    def recv_counts(self) -> list[int]: ...
+    @property
+    def num_pairs(self) -> int: ...
+
+@final
 class ShmRows:
     """One rank's end of the shared-memory all-to-all's data path (parallel/shm.py lays out and
     maps the segments; this moves the rows, with the GIL released).
@@ -284,6 +302,23 @@ class ShmRows:
     def wait(self, phase: int, seq: int) -> list[int]:
         """Rows each source sent once all of them published call seq. CollectiveError when a
         peer's process died (within about a second) or after timeout_s."""
+    def dispatch_moe(self, phase: int, seq: int, x: tuple[int, int, int, int], ids: npt.NDArray[np.int64],
+                     weights: npt.NDArray[np.float32], num_experts: int) -> MoeDispatch:
+        """Expert parallelism's shot 1 in one call: x is (address, row stride, row bytes, T)
+        of the hidden rows, ids / weights the [T, k] routing. Plans, writes every destination's
+        rows [hidden | local ids | weights], waits, plans the receive side. CoreError for bad
+        ids or lengths, CollectiveError for a dead or silent peer."""
+    def gather_pairs(self, phase: int, dispatched: MoeDispatch, out: npt.NDArray[np.uint8]) -> None:
+        """Copies every pair's hidden row (out's row width in bytes) out of phase `phase`'s
+        slots into out [Q, row bytes], in the dispatch's pair order."""
+    def combine_moe(self, phase: int, seq: int, dispatched: MoeDispatch, y: npt.NDArray[np.float32],
+                    out: npt.NDArray[np.float32]) -> None:
+        """Shot 2 in one call: y [Q, H] f32 expert outputs in pair order; each received row's
+        weighted sum over its slots goes back to its source, and what comes back is added into
+        out [T, H] (zeroed by the caller), sources in rank order."""
+    @property
+    def waited_s(self) -> float:
+        """Seconds spent waiting for peers since this object was made."""
     def add_rows_f32(self, phase: int, counts: list[int], out: npt.NDArray[np.float32],
                      index: npt.NDArray[np.int64]) -> None:
         """out[index[j]] += received packed f32 row j, sources in rank order. CoreError for an

@@ -9,7 +9,9 @@
 //! dispatch: plan_dispatch -> rows [hidden | k local expert ids (i64) | k weights (f32)] into
 //!           every destination's slot -> wait -> plan_receive over the received ids -> pairs
 //!           grouped by local expert (their slot rows, pair ids and weights)
-//! experts:  (torch) x_sorted = slots[pair_rows]; y = expert_fn(x_sorted, expert_offsets)
+//! experts:  x_sorted = the pairs' hidden rows copied out of the slots (gather_pairs; a
+//!           strided torch index_select over the slots was 5x slower), then (torch)
+//!           y = expert_fn(x_sorted, expert_offsets)
 //! combine:  each received row's sum over its slots, in slot order, of weight * y (f32) goes
 //!           straight into its source's slot -> wait -> out[token] += returned rows, sources in
 //!           rank order (shm_rows::add_rows_f32)
@@ -56,6 +58,7 @@ fn read_f32(addr: usize) -> f32 {
 
 impl ShmRows {
     /// Shot 1: `x` holds T hidden rows, `ids` / `weights` the `[T, k]` routing (row-major).
+    #[allow(clippy::too_many_arguments)] // the routing arrays and their shape travel together from Python
     pub fn dispatch_moe(
         &self,
         phase: usize,
@@ -141,6 +144,47 @@ impl ShmRows {
             pair_weights,
             expert_offsets: rp.expert_offsets,
         })
+    }
+
+    /// Copy every pair's hidden row (`row_bytes` from the start of its slot row in phase
+    /// `phase`) into `out` `[Q, row_bytes]`, in `d`'s pair order.
+    pub fn gather_pairs(
+        &self,
+        phase: usize,
+        d: &MoeDispatch,
+        row_bytes: usize,
+        out: &mut [u8],
+    ) -> CoreResult<()> {
+        let max = self.layout().max_row_bytes;
+        if row_bytes > max {
+            return Err(CoreError::out_of_range(
+                "row bytes",
+                format!("<= max_row_bytes={max}"),
+                row_bytes as i128,
+            ));
+        }
+        if out.len() != d.pair_rows.len() * row_bytes {
+            return Err(CoreError::LengthMismatch {
+                field: "out",
+                expected: d.pair_rows.len() * row_bytes,
+                got: out.len(),
+            });
+        }
+        let rows = self.layout().world * self.layout().slot_rows;
+        for (q, &row) in d.pair_rows.iter().enumerate() {
+            if row < 0 || row as usize >= rows {
+                return Err(CoreError::out_of_range(
+                    format!("pair_rows[{q}]"),
+                    format!("in [0, {rows})"),
+                    row,
+                ));
+            }
+            let src = self.slot_row_addr(phase, row as usize) as *const u8;
+            // SAFETY: a slot row of the mapped segment holds max_row_bytes >= row_bytes bytes.
+            let src = unsafe { std::slice::from_raw_parts(src, row_bytes) };
+            out[q * row_bytes..(q + 1) * row_bytes].copy_from_slice(src);
+        }
+        Ok(())
     }
 
     /// Shot 2: `y` `[Q, H]` f32 expert outputs in `d`'s pair order; adds every token's

@@ -759,6 +759,19 @@ impl PyShmRows {
             .map_err(py_err)?;
         Ok(PyMoeDispatch { inner })
     }
+    fn gather_pairs(
+        &self,
+        py: Python<'_>,
+        phase: usize,
+        dispatched: PyRef<'_, PyMoeDispatch>,
+        mut out: PyReadwriteArray2<'_, u8>,
+    ) -> PyResult<()> {
+        let row_bytes = out.shape()[1];
+        let out = out.as_slice_mut()?;
+        let d = &dispatched.inner;
+        py.detach(|| self.inner.gather_pairs(phase, d, row_bytes, out))
+            .map_err(py_err)
+    }
     fn combine_moe(
         &self,
         py: Python<'_>,

@@ -162,7 +162,6 @@ class ShmTransport(Transport):
         self._rows = ShmRows([np.frombuffer(m, dtype=np.uint8).ctypes.data for m in self._maps], rank, slot_rows,
                              max_row_bytes, self._segs[rank].pids.tolist(), timeout_s, _NUM_PHASES)
         self._recv: dict[tuple[int, int, int], torch.Tensor] = {}  # receive buffers, see _recv_buffer
-        self._hidden: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}  # typed slot views, see moe_exchange
         self._closed = False
 
     def moe_exchange(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
@@ -187,8 +186,10 @@ class ShmTransport(Transport):
         self._exchange_end(handle)
         # The pairs' hidden states, gathered from where they landed (valid until the next call
         # has read its inputs: combine reads none of them).
-        slots = self._hidden_slots(handle.phase, x.dtype, x.shape[1])  # [R*C, H] strided rows
-        x_sorted = slots.index_select(0, torch.from_numpy(d.pair_rows))  # [Q, H]
+        width = x.shape[1] * elem
+        raw = self._recv_buffer(handle.phase, 0, width, d.num_pairs)  # [Q, H * elem] uint8, reused
+        self._rows.gather_pairs(handle.phase, d, raw.numpy())
+        x_sorted = raw.view(x.dtype)  # [Q, H]
         y = expert_fn(x_sorted, torch.from_numpy(d.expert_offsets)).to(torch.float32).contiguous()  # [Q, H]
         handle = self._exchange_begin()
         try:
@@ -211,16 +212,6 @@ class ShmTransport(Transport):
         self._ring.release(handle)
         self.profile.pop()
         self.profile.move("all_to_all", "wait", self._rows.waited_s - self._waited)
-
-    def _hidden_slots(self, phase: int, dtype: torch.dtype, hidden: int) -> torch.Tensor:
-        """[R*C, H] view (of `dtype`) of the hidden states at the start of phase `phase`'s slot rows."""
-        key = (phase, dtype, hidden)
-        view = self._hidden.get(key)
-        if view is None:
-            raw = self._segs[self.rank].tdata[phase].view(self.world_size * self.slot_rows, self.max_row_bytes)
-            elem = torch.empty((), dtype=dtype).element_size()
-            view = self._hidden[key] = raw[:, : hidden * elem].view(dtype)  # x's rows start every slot row
-        return view
 
     def exchange_counts(self, values: list[int]) -> list[int]:
         handle, counts = self._send_and_wait([], [], list(values), packed=True)  # counts only, no rows
@@ -321,7 +312,6 @@ class ShmTransport(Transport):
     def close(self) -> None:
         self._closed = True
         self._rows = None
-        self._hidden = {}
         self._segs = []
         self._recv = {}
         for m in self._maps:
