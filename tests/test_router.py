@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import openai
@@ -128,9 +127,12 @@ def _stream(url: str, body: dict, result: dict) -> None:
 
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json", **AUTH})
+    lines = result["lines"] = []  # filled as chunks arrive, so the test can see a stream has started
     try:
         with urllib.request.urlopen(req, timeout=90) as resp:
-            result["lines"] = [raw.decode().strip() for raw in resp if raw.startswith(b"data:")]
+            for raw in resp:
+                if raw.startswith(b"data:"):
+                    lines.append(raw.decode().strip())
     except Exception as exc:  # noqa: BLE001 - reported to the test
         result["error"] = exc
 
@@ -143,7 +145,8 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster):
                for i in range(12)]
     for t in threads:
         t.start()
-    time.sleep(1.5)  # streams are running
+    # Every stream has its first chunk: none can be failed over any more, so the victim's are cut.
+    wait_until(lambda: all(r.get("lines") for r in results), 60, "every stream to start")
     text = http("GET", router.url + "/metrics")[2]
     busy = {s.url: metric(text, "expertmesh_router:backend_in_flight", backend=s.url) for s in servers}
     victim = max(servers, key=lambda s: busy[s.url])  # the replica with the most open streams
