@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,17 +25,8 @@ from expertmesh_kernels.moe import expert_mlp_ref
 
 from expertmesh.parallel.cpu_binding import bind_rank
 
-
-def median_ms(fn, iters: int) -> float:
-    import time
-
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comm"))
+from timing import median_time  # noqa: E402 - bench/comm/timing.py, the benches' one timer
 
 
 def main() -> None:
@@ -69,8 +61,8 @@ def main() -> None:
             for hx, h in zip(halves_x, half):
                 expert_mlp_ref(hx, w_gate_up, w_down, h)
 
-        one = median_ms(lambda: expert_mlp_ref(x, w_gate_up, w_down, offsets), args.iters)
-        two = median_ms(halves, args.iters)
+        one = median_time(lambda: expert_mlp_ref(x, w_gate_up, w_down, offsets), args.iters) * 1e3
+        two = median_time(halves, args.iters) * 1e3
         print(f"| {tokens} | {pairs} | {one:.2f} | {two:.2f} | {two / one:.2f}x |", flush=True)
 
 

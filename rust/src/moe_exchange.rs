@@ -271,7 +271,7 @@ impl ShmRows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shm_rows::SegmentLayout;
+    use crate::shm_rows::{ranks_in_process, SegmentLayout};
     use std::time::Duration;
 
     #[test]
@@ -279,29 +279,7 @@ mod tests {
         // R=2, 4 experts (2 per rank), top-2, hidden 3 in f32; the "experts" return their input,
         // so every token must come back as x * (w0 + w1).
         let (world, hidden, k, experts, tokens) = (2usize, 3usize, 2usize, 4usize, 5usize);
-        let layout = SegmentLayout {
-            world,
-            phases: 2,
-            slot_rows: tokens,
-            max_row_bytes: 4 * hidden + 12 * k,
-        };
-        let mut segs: Vec<Vec<u64>> = (0..world)
-            .map(|_| vec![0u64; layout.bytes().div_ceil(8)])
-            .collect();
-        let addrs: Vec<usize> = segs.iter_mut().map(|s| s.as_mut_ptr() as usize).collect();
-        let me = std::process::id() as i64;
-        let ranks: Vec<ShmRows> = (0..world)
-            .map(|r| unsafe {
-                ShmRows::new(
-                    addrs.clone(),
-                    layout,
-                    r,
-                    vec![me; world],
-                    Duration::from_secs(5),
-                )
-                .unwrap()
-            })
-            .collect();
+        let (_segs, ranks) = ranks_in_process(world, tokens, 4 * hidden + 12 * k);
         std::thread::scope(|scope| {
             for rank in &ranks {
                 scope.spawn(move || {

@@ -433,45 +433,47 @@ fn check_source(src: &RowSource<'_>, total: usize) -> CoreResult<()> {
     Ok(())
 }
 
+/// R segments in one process (8-aligned, zeroed) and each rank's ShmRows over them: the
+/// ranks of the unit tests here and in moe_exchange.rs. Keep the segments alive while using them.
+#[cfg(test)]
+pub(crate) fn ranks_in_process(
+    world: usize,
+    slot_rows: usize,
+    max_row_bytes: usize,
+) -> (Vec<Vec<u64>>, Vec<ShmRows>) {
+    let layout = SegmentLayout {
+        world,
+        phases: 2,
+        slot_rows,
+        max_row_bytes,
+    };
+    let mut segs: Vec<Vec<u64>> = (0..world)
+        .map(|_| vec![0u64; layout.bytes().div_ceil(8)])
+        .collect();
+    let addrs: Vec<usize> = segs.iter_mut().map(|s| s.as_mut_ptr() as usize).collect();
+    let me = std::process::id() as i64;
+    let rows = (0..world)
+        .map(|r| unsafe {
+            ShmRows::new(
+                addrs.clone(),
+                layout,
+                r,
+                vec![me; world],
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        })
+        .collect();
+    (segs, rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// R segments in one process (8-aligned, zeroed), each rank's ShmRows over them.
-    fn ranks(
-        world: usize,
-        slot_rows: usize,
-        max_row_bytes: usize,
-    ) -> (Vec<Vec<u64>>, Vec<ShmRows>) {
-        let layout = SegmentLayout {
-            world,
-            phases: 2,
-            slot_rows,
-            max_row_bytes,
-        };
-        let mut segs: Vec<Vec<u64>> = (0..world)
-            .map(|_| vec![0u64; layout.bytes().div_ceil(8)])
-            .collect();
-        let addrs: Vec<usize> = segs.iter_mut().map(|s| s.as_mut_ptr() as usize).collect();
-        let me = std::process::id() as i64;
-        let rows = (0..world)
-            .map(|r| unsafe {
-                ShmRows::new(
-                    addrs.clone(),
-                    layout,
-                    r,
-                    vec![me; world],
-                    Duration::from_secs(5),
-                )
-                .unwrap()
-            })
-            .collect();
-        (segs, rows)
-    }
-
     #[test]
     fn rows_reach_their_destinations_and_add_back_in_order() {
-        let (_segs, rows) = ranks(3, 4, 16);
+        let (_segs, rows) = ranks_in_process(3, 4, 16);
         // Each rank sends f32 rows of 2 values: row j = [100*rank + j, 0.5]; two to every rank,
         // gathered in reverse to check the gather.
         let data: Vec<Vec<f32>> = (0..3)
@@ -508,7 +510,7 @@ mod tests {
 
     #[test]
     fn bad_sizes_and_indices_are_refused_with_the_limit() {
-        let (_segs, rows) = ranks(2, 2, 8);
+        let (_segs, rows) = ranks_in_process(2, 2, 8);
         let data = [0u8; 64];
         let src = |w, g| RowSource {
             base: data.as_ptr() as usize,
@@ -589,7 +591,7 @@ mod tests {
 
     #[test]
     fn ranks_on_threads_exchange_many_calls() {
-        let (_segs, rows) = ranks(2, 8, 8);
+        let (_segs, rows) = ranks_in_process(2, 8, 8);
         std::thread::scope(|s| {
             for rank in &rows {
                 s.spawn(move || {

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from expertmesh._core import PhaseRing
 from expertmesh.errors import CollectiveError
-from expertmesh.parallel.shm import alive, map_segments
+from expertmesh.parallel.shm import alive, map_segments, unmap_segments
 
 _NUM_PHASES = 2
 # Per world size: (message bytes up to, algorithm) rows. Measured on the 2-core CPU VM
@@ -243,9 +243,5 @@ class ShmAllReduce:
     def close(self) -> None:
         self._closed = True
         self._segs = []
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view still exported; the mapping goes with the process
-                pass
+        unmap_segments(self._maps)
         self._maps = []

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.errors import CollectiveError
-from expertmesh.parallel.shm import alive, map_segments
+from expertmesh.parallel.shm import alive, map_segments, unmap_segments
 
 MAILBOX_BYTES = 1 << 20  # per rank; a step's outputs for 256 sequences are ~20 KB
 
@@ -143,9 +143,5 @@ class ShmControlChannel:
 
     def close(self) -> None:
         self._ints, self._data = [], []
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a numpy view still exported; the mapping goes with the process
-                pass
+        unmap_segments(self._maps)
         self._maps = []

@@ -145,6 +145,16 @@ def map_segments(group: dist.ProcessGroup, rank: int, world_size: int, size: int
     return maps
 
 
+def unmap_segments(maps: list[mmap.mmap]) -> None:
+    """Close map_segments' mappings; one still viewed by a live array stays mapped until the
+    process exits (mmap refuses to close it)."""
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:
+            pass
+
+
 class ShmTransport(Transport):
     """Collective constructor: every rank of `group` must build one with the same sizes."""
 
@@ -314,9 +324,5 @@ class ShmTransport(Transport):
         self._rows = None
         self._segs = []
         self._recv = {}
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a numpy view still exported; the mapping goes with the process
-                pass
+        unmap_segments(self._maps)
         self._maps = []
