@@ -61,11 +61,17 @@ def paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens
     """Causal attention of q [T, NH, D] over paged KV; see attention.paged_attention_ref.
 
     On Triton, an all-decode batch (T == N) takes the split-context decode kernel, anything
-    else the varlen prefill kernel (which also serves the decodes mixed into it).
+    else the varlen prefill kernel (which also serves the decodes mixed into it). On the CPU,
+    fp32 and bf16 take the Rust core's kernel (cpu_attention.py), other dtypes the reference.
     """
     from expertmesh_kernels.attention import paged_attention_ref
 
     if not use_triton(q):
+        from expertmesh_kernels import cpu_attention
+
+        if cpu_attention.supports(q, k_cache):
+            return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                                                     scale, sliding_window=sliding_window, return_lse=return_lse)
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                    sliding_window=sliding_window, return_lse=return_lse)
     if q.shape[0] == seq_lens.shape[0]:

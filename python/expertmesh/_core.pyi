@@ -17,7 +17,7 @@ from expertmesh.errors import CoreError as CoreError
 __all__ = [
     "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
-    "ShmRows", "MoeDispatch",
+    "ShmRows", "MoeDispatch", "paged_attention",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
@@ -323,6 +323,30 @@ class ShmRows:
                      index: npt.NDArray[np.int64]) -> None:
         """out[index[j]] += received packed f32 row j, sources in rank order. CoreError for an
         index out of range."""
+
+def paged_attention(
+    dtype: str,
+    out: int,
+    q: int,
+    k_cache: int,
+    v_cache: int,
+    dims: tuple[int, int, int, int, int, int],
+    block_tables: npt.NDArray[np.int32],
+    query_start_loc: npt.NDArray[np.int32],
+    seq_lens: npt.NDArray[np.int32],
+    scale: float,
+    sliding_window: int | None = None,
+    lse: int | None = None,
+    threads: int = 1,
+) -> None:
+    """Causal attention over the paged KV cache, reading the blocks in place (CPU).
+
+    ``out``, ``q``, ``k_cache``, ``v_cache`` (and ``lse``) are addresses of contiguous CPU
+    tensors of ``dtype`` ("float32" or "bfloat16"; lse fp32) with dims = (T, NH, NKV, D, NB, B):
+    q/out [T, NH, D], caches [NB, B, NKV, D], lse [T, NH]. block_tables [N, MB],
+    query_start_loc [N+1], seq_lens [N]. Use expertmesh_kernels.cpu_attention, which checks the
+    tensors; this checks every index value (CoreError naming it). Releases the GIL; runs on
+    ``threads`` workers."""
 
 def _panic_for_tests(message: str) -> None:
     """Panics in Rust (GIL released); raises pyo3's PanicException. For tests only."""

@@ -51,7 +51,7 @@ pub struct ReceivePlan {
 pub fn experts_per_rank(num_experts: usize, num_ranks: usize) -> CoreResult<usize> {
     check_at_least("num_experts", num_experts as i128, 1)?;
     check_at_least("num_ranks", num_ranks as i128, 1)?;
-    if num_experts % num_ranks != 0 {
+    if !num_experts.is_multiple_of(num_ranks) {
         return Err(CoreError::UnevenExperts {
             num_experts,
             num_ranks,

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from expertmesh.config import EngineConfig
-from expertmesh.layers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_dtype
+from expertmesh.layers.attention import AttentionMetadata, allocate_kv_caches
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.models.loader import load_model
 from expertmesh.parallel.apply import apply_parallelism
@@ -40,7 +40,7 @@ class ModelRunner:
         self.dtype = self.model.dtype
         self.vocab_size = int(self.hf_config["vocab_size"])
         self.max_model_len = config.resolve_max_model_len(int(self.hf_config.get("max_position_embeddings", 4096)))
-        self.kv_cache_dtype = kv_cache_dtype(self.dtype, self.device)
+        self.kv_cache_dtype = self.dtype  # read in place by every attention backend, CPU included
         elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         bytes_per_block = 2 * self.model.num_layers * elem * config.block_size * self.model.num_kv_heads \
             * self.model.head_dim

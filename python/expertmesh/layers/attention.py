@@ -51,21 +51,6 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
-def kv_cache_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The KV cache's dtype: the model's, except fp32 for half-precision models on the CPU.
-
-    K and V are rounded to the model dtype by their projections, so fp32 storage holds the
-    same values; it lets CPU decode attention run torch's fused fp32 attention straight on the
-    gathered blocks instead of converting every gathered block to fp32 each step (measured
-    on the bench's Mixtral-shaped bf16 model: bench/offline/README.md). Costs 2x KV memory.
-    The Triton kernels (also when interpreted on the CPU) take the model's dtype.
-    """
-    cpu_reference = torch.device(device).type == "cpu" and ops.backend() == "torch"
-    if cpu_reference and model_dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return model_dtype
-
-
 def allocate_kv_caches(
     num_layers: int,
     num_blocks: int,
