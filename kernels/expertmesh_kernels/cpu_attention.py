@@ -9,6 +9,7 @@ for all the query heads sharing it, and merges partitions exactly. No dense copy
 context is made, so a cache in the model's dtype (bf16) costs no conversion pass.
 Assumes: a CPU q and cache of one dtype, fp32 or bf16, unit stride on D in the cache and
 contiguous blocks (the engine allocates them so); q may be strided (copied here, it is small).
+Threads: torch's own OpenMP team where torch runs on libgomp (the PyPI builds), else a rayon pool.
 Measured on the 2-core AMD EPYC VM: bench/attention/README.md.
 
 Legend: T tokens, N requests, NH/NKV heads, D head dim, NB blocks, B block size,
@@ -18,6 +19,7 @@ MB block-table columns.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -26,12 +28,23 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 @functools.cache
 def _core():
-    """The Rust module, or None where expertmesh is not installed beside the kernels."""
+    """The Rust module, or None where expertmesh is not installed beside the kernels. Its
+    parallel loops are put on torch's OpenMP threads when torch runs on libgomp: a pool of its
+    own would compete with torch's workers, which spin after each op (rust/src/cpu_pool.rs)."""
     try:
         from expertmesh import _core as core
     except ImportError:
         return None
-    return core if hasattr(core, "paged_attention") else None
+    if not hasattr(core, "paged_attention"):
+        return None
+    if "OpenMP" in torch.__config__.parallel_info():
+        for lib in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*")):
+            try:
+                core.use_openmp(str(lib))
+                break
+            except ValueError:  # CoreError: not the runtime torch loaded
+                continue
+    return core
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from expertmesh.errors import CoreError as CoreError
 __all__ = [
     "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
-    "ShmRows", "MoeDispatch", "paged_attention",
+    "ShmRows", "MoeDispatch", "paged_attention", "use_openmp",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
@@ -347,6 +347,11 @@ def paged_attention(
     query_start_loc [N+1], seq_lens [N]. Use expertmesh_kernels.cpu_attention, which checks the
     tensors; this checks every index value (CoreError naming it). Releases the GIL; runs on
     ``threads`` workers."""
+
+def use_openmp(library: str) -> None:
+    """Run the core's parallel CPU loops on the OpenMP runtime at ``library`` (torch's libgomp,
+    which must already be loaded) instead of a thread pool of their own. CoreError naming the
+    path if it is not loaded or is not libgomp."""
 
 def _panic_for_tests(message: str) -> None:
     """Panics in Rust (GIL released); raises pyo3's PanicException. For tests only."""

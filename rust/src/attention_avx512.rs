@@ -11,6 +11,9 @@ use std::arch::x86_64::*;
 
 use crate::attention_tile::{Elem, ItemKeys, ItemQueries, TILE};
 
+/// How many tiles ahead the next keys' cache lines are requested.
+const PREFETCH_TILES: usize = 2;
+
 /// Whether this kernel can run here: AVX-512F, and D a multiple of 16 (whole registers).
 pub fn usable(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f")
@@ -112,6 +115,7 @@ pub unsafe fn attend_item<T: Elem>(
     };
     let (k_cache, v_cache) = (keys.k_cache, keys.v_cache);
     let mut bases = [0usize; TILE];
+    let mut work: Vec<(usize, __mmask16)> = Vec::with_capacity(queries.rows * heads); // (query, visible lanes)
     let mut t0 = keys.key_lo / TILE * TILE;
     while t0 < keys.key_hi {
         let (j_lo, j_hi) = (keys.key_lo.max(t0), keys.key_hi.min(t0 + TILE));
@@ -119,7 +123,9 @@ pub unsafe fn attend_item<T: Elem>(
         for jj in lanes.clone() {
             bases[jj] = row_at(t0 + jj);
         }
-        for j in j_hi..keys.key_hi.min(j_hi + TILE) {
+        for j in (j_hi + (PREFETCH_TILES - 1) * TILE).min(keys.key_hi)
+            ..keys.key_hi.min(j_hi + PREFETCH_TILES * TILE)
+        {
             let at = row_at(j);
             for line in (0..row_stride * std::mem::size_of::<T>()).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>((k_cache[at..].as_ptr() as *const i8).add(line));
@@ -146,6 +152,7 @@ pub unsafe fn attend_item<T: Elem>(
                 vt[jj * d..(jj + 1) * d].fill(0.0); // weight 0 must not meet a stale NaN
             }
             let head0 = (kv - keys.kv_lo) * queries.group;
+            work.clear();
             for r in 0..queries.rows {
                 let pos = queries.first_pos + r;
                 let vis_lo = queries
@@ -153,22 +160,24 @@ pub unsafe fn attend_item<T: Elem>(
                     .map_or(0, |w| (pos + 1).saturating_sub(w))
                     .max(j_lo);
                 let vis_hi = (pos + 1).min(j_hi);
-                if vis_lo >= vis_hi {
-                    continue;
+                if vis_lo < vis_hi {
+                    let mask = (((1u32 << (vis_hi - t0)) - 1) & !((1u32 << (vis_lo - t0)) - 1))
+                        as __mmask16;
+                    work.extend((0..queries.group).map(|g| (r * heads + head0 + g, mask)));
                 }
-                let mask =
-                    (((1u32 << (vis_hi - t0)) - 1) & !((1u32 << (vis_lo - t0)) - 1)) as __mmask16;
-                for g in 0..queries.group {
-                    let m = r * heads + head0 + g;
-                    attend_tile(
-                        &queries.q[m * d..(m + 1) * d],
-                        &kt,
-                        &vt,
-                        mask,
-                        &mut acc[m * d..(m + 1) * d],
-                        &mut maxes[m],
-                        &mut sums[m],
-                    );
+            }
+            let state = State {
+                q: queries.q.as_ptr(),
+                acc: acc.as_mut_ptr(),
+                maxes: maxes.as_mut_ptr(),
+                sums: sums.as_mut_ptr(),
+            };
+            for batch in work.chunks(4) {
+                match batch.len() {
+                    4 => attend_tiles::<4>(batch, &state, &kt, &vt, d),
+                    3 => attend_tiles::<3>(batch, &state, &kt, &vt, d),
+                    2 => attend_tiles::<2>(batch, &state, &kt, &vt, d),
+                    _ => attend_tiles::<1>(batch, &state, &kt, &vt, d),
                 }
             }
         }
@@ -176,61 +185,84 @@ pub unsafe fn attend_item<T: Elem>(
     }
 }
 
-/// One query against one tile (see attention_tile::attend_tile).
+/// An item's per-query arrays (query vector m at `q + m * D`, and so on), raw because the
+/// queries of one batch are updated together; each m appears once per batch.
+struct State {
+    q: *const f32,
+    acc: *mut f32,
+    maxes: *mut f32,
+    sums: *mut f32,
+}
+
+/// NQ queries against one tile, interleaved so their dependency chains overlap and each
+/// K/V register load serves all NQ (see attention_tile::attend_tile for the algorithm).
 #[inline(always)]
-unsafe fn attend_tile(
-    q: &[f32],  // [D]
+#[allow(clippy::needless_range_loop)] // one index walks several arrays at once
+unsafe fn attend_tiles<const NQ: usize>(
+    batch: &[(usize, __mmask16)], // (query index m, visible lanes), NQ of them
+    st: &State,
     kt: &[f32], // [D, TILE]
     vt: &[f32], // [TILE, D]
-    mask: __mmask16,
-    acc: &mut [f32], // [D]
-    max: &mut f32,
-    sum: &mut f32,
+    d: usize,
 ) {
-    let d = q.len();
-    let (kp, vp, ap) = (kt.as_ptr(), vt.as_ptr(), acc.as_mut_ptr());
-    let mut s = [_mm512_setzero_ps(); 4];
-    for x in (0..d).step_by(4) {
-        for (u, su) in s.iter_mut().enumerate() {
-            *su = _mm512_fmadd_ps(
-                _mm512_set1_ps(q[x + u]),
-                _mm512_loadu_ps(kp.add((x + u) * TILE)),
-                *su,
-            );
+    let (kp, vp) = (kt.as_ptr(), vt.as_ptr());
+    // Plain loops, not array::from_fn: a closure is not compiled with this function's target
+    // features, so the intrinsics inside it become calls (measured 1.5x slower).
+    let mut qs = [st.q; NQ];
+    for i in 0..NQ {
+        qs[i] = st.q.add(batch[i].0 * d);
+    }
+    let mut even = [_mm512_setzero_ps(); NQ];
+    let mut odd = [_mm512_setzero_ps(); NQ];
+    for x in (0..d).step_by(2) {
+        let (k0, k1) = (
+            _mm512_loadu_ps(kp.add(x * TILE)),
+            _mm512_loadu_ps(kp.add((x + 1) * TILE)),
+        );
+        for i in 0..NQ {
+            even[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(x)), k0, even[i]);
+            odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qs[i].add(x + 1)), k1, odd[i]);
         }
     }
-    let scores = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-    let scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), scores);
-    let new = max.max(_mm512_reduce_max_ps(scores));
-    let p = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new))));
-    let corr = if *max == new {
-        1.0
-    } else if *max == f32::NEG_INFINITY {
-        0.0
-    } else {
-        (*max - new).exp()
-    };
-    *sum = *sum * corr + _mm512_reduce_add_ps(p);
-    *max = new;
-    let mut w = [0.0f32; TILE];
-    _mm512_storeu_ps(w.as_mut_ptr(), p);
-    let corr = _mm512_set1_ps(corr);
+    let mut w = [[0.0f32; TILE]; NQ];
+    let mut corr = [0.0f32; NQ];
+    for i in 0..NQ {
+        let (m, mask) = batch[i];
+        let scores = _mm512_mask_blend_ps(
+            mask,
+            _mm512_set1_ps(f32::NEG_INFINITY),
+            _mm512_add_ps(even[i], odd[i]),
+        );
+        let old = *st.maxes.add(m);
+        let new = old.max(_mm512_reduce_max_ps(scores));
+        let p = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new))));
+        // exp(old - new): 1 when the max did not move, 0 before the first visible key.
+        corr[i] = if old == f32::NEG_INFINITY {
+            0.0
+        } else {
+            _mm512_cvtss_f32(exp16(_mm512_set1_ps(old - new)))
+        };
+        *st.sums.add(m) = *st.sums.add(m) * corr[i] + _mm512_reduce_add_ps(p);
+        *st.maxes.add(m) = new;
+        _mm512_storeu_ps(w[i].as_mut_ptr(), p);
+    }
     for c in (0..d).step_by(16) {
-        let mut even = _mm512_mul_ps(_mm512_loadu_ps(ap.add(c)), corr);
-        let mut odd = _mm512_setzero_ps();
-        for jj in (0..TILE).step_by(2) {
-            even = _mm512_fmadd_ps(
-                _mm512_set1_ps(w[jj]),
-                _mm512_loadu_ps(vp.add(jj * d + c)),
-                even,
-            );
-            odd = _mm512_fmadd_ps(
-                _mm512_set1_ps(w[jj + 1]),
-                _mm512_loadu_ps(vp.add((jj + 1) * d + c)),
-                odd,
+        let mut a = [_mm512_setzero_ps(); NQ];
+        for i in 0..NQ {
+            a[i] = _mm512_mul_ps(
+                _mm512_loadu_ps(st.acc.add(batch[i].0 * d + c)),
+                _mm512_set1_ps(corr[i]),
             );
         }
-        _mm512_storeu_ps(ap.add(c), _mm512_add_ps(even, odd));
+        for jj in 0..TILE {
+            let v = _mm512_loadu_ps(vp.add(jj * d + c));
+            for i in 0..NQ {
+                a[i] = _mm512_fmadd_ps(_mm512_set1_ps(w[i][jj]), v, a[i]);
+            }
+        }
+        for i in 0..NQ {
+            _mm512_storeu_ps(st.acc.add(batch[i].0 * d + c), a[i]);
+        }
     }
 }
 

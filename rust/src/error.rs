@@ -17,6 +17,12 @@ pub enum CoreError {
         /// The value received.
         value: i128,
     },
+    /// Something a call needs is not present in this process.
+    #[error("{what} is not available")]
+    Unavailable {
+        /// What was looked for.
+        what: String,
+    },
     /// `add_request` was given an id that is already live.
     #[error("request_id {request_id} is already in use by an unfinished request")]
     DuplicateRequest {

@@ -12,9 +12,8 @@
 //! The split depends only on the batch, never on the thread count, so results are the same
 //! on every rank however many cores it has.
 
-use rayon::prelude::*;
-
 use crate::attention_tile::{attend_item, Elem, ItemKeys, ItemQueries};
+use crate::cpu_pool::for_each_mut;
 use crate::error::{CoreError, CoreResult};
 
 /// Query rows per prefill item: their K/V tile is converted once and used by all of them.
@@ -290,7 +289,8 @@ impl<T: Elem> PagedAttention<'_, T> {
             .len()
             .checked_div(self.seq_lens.len())
             .unwrap_or(0);
-        let attend = |(item, chunk): (&Item, &mut &mut [f32])| {
+        let attend = |i: usize, chunk: &mut &mut [f32]| {
+            let item = &items[i];
             // [rows, kv_count * G, D] scaled fp32 queries: a KV head's G heads are adjacent in q.
             let width = item.kv_count * group * d;
             let mut q = Vec::with_capacity(item.rows * width);
@@ -323,20 +323,9 @@ impl<T: Elem> PagedAttention<'_, T> {
             };
             attend_item(&keys, &queries, chunk);
         };
-        let lse_rows: Vec<Option<&mut [f32]>> = match lse {
-            Some(l) => l.chunks_mut(nh).map(Some).collect(),
-            None => (0..t).map(|_| None).collect(),
-        };
-        let pool = (threads > 1).then(|| crate::cpu_pool::pool(threads));
-        match &pool {
-            None => items.iter().zip(chunks.iter_mut()).for_each(attend),
-            Some(pool) => {
-                pool.install(|| items.par_iter().zip(chunks.par_iter_mut()).for_each(attend))
-            }
-        }
+        for_each_mut(threads, &mut chunks, attend);
         let chunks: Vec<&[f32]> = chunks.into_iter().map(|c| &*c).collect();
-        let merge = |(tok, (out_row, lse_row)): (usize, (&mut [T], Option<&mut [f32]>))| {
-            let mut lse_row = lse_row;
+        let merge = |tok: usize, (out_row, lse_row): &mut (&mut [T], Option<&mut [f32]>)| {
             let mut acc = vec![0.0f32; d];
             for h in 0..nkv {
                 let p = parts[tok * nkv + h];
@@ -377,19 +366,12 @@ impl<T: Elem> PagedAttention<'_, T> {
                 }
             }
         };
-        match &pool {
-            None => out
-                .chunks_mut(nh * d)
-                .zip(lse_rows)
-                .enumerate()
-                .for_each(merge),
-            Some(pool) => pool.install(|| {
-                out.par_chunks_mut(nh * d)
-                    .zip(lse_rows)
-                    .enumerate()
-                    .for_each(merge)
-            }),
-        }
+        let lse_rows: Vec<Option<&mut [f32]>> = match lse {
+            Some(l) => l.chunks_mut(nh).map(Some).collect(),
+            None => (0..t).map(|_| None).collect(),
+        };
+        let mut rows: Vec<_> = out.chunks_mut(nh * d).zip(lse_rows).collect();
+        for_each_mut(threads, &mut rows, merge);
         Ok(())
     }
 }

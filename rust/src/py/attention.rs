@@ -130,3 +130,10 @@ pub(super) fn paged_attention(
     };
     result.map_err(py_err)
 }
+
+/// Runs the core's parallel CPU loops on the OpenMP runtime at `library` (torch's libgomp,
+/// already loaded) instead of a rayon pool of their own; see `_core.pyi`.
+#[pyfunction]
+pub(super) fn use_openmp(library: &str) -> PyResult<()> {
+    crate::cpu_pool::use_openmp(library).map_err(py_err)
+}

@@ -87,6 +87,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_dispatch, m)?)?;
     m.add_function(wrap_pyfunction!(plan_receive, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::use_openmp, m)?)?;
     // setattr, not add: keeps the test hook out of __all__.
     m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
