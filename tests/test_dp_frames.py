@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from expertmesh.engine.dp_frames import OutputDeltas, OutputMirror, decode_add, encode_add, pack, unpack
+from expertmesh.engine.dp_frames import OutputMirror, decode_add, encode_add, encode_outputs, pack, unpack
 from expertmesh.engine.request_state import EngineRequest
 from expertmesh.errors import CollectiveError
-from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput
+from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from expertmesh.sampling_params import SamplingParams
 
 from ep_util import run_ranks
@@ -37,17 +37,38 @@ def _steps():
     return steps
 
 
-def test_deltas_rebuild_the_leaders_outputs():
-    deltas, mirror = OutputDeltas(), OutputMirror()
-    mirror.expect(EngineRequest("hi", [5, 6], SamplingParams(n=2, logprobs=1), 3), "r1")
-    sizes = []
-    for out in _steps():
-        frame = deltas.encode([out])
-        sizes.append(len(frame))
-        (back,) = mirror.decode(frame)
-        assert back == out
-    assert not mirror._requests and not deltas._sent  # both forget a finished request
-    assert mirror.decode(deltas.encode(_steps()[:1])) == []  # unknown (aborted) requests are dropped
+def _as_delta(steps):
+    """The same steps as a leader's DELTA outputs: only what each step added."""
+    sent, out = [0, 0], []
+    for step in steps:
+        seqs = []
+        for seq in step.outputs:
+            start, sent[seq.index] = sent[seq.index], len(seq.token_ids)
+            seqs.append(CompletionOutput(seq.index, seq.text_delta, seq.token_ids[start:], seq.cumulative_logprob,
+                                         None if seq.logprobs is None else seq.logprobs[start:], seq.finish_reason,
+                                         seq.stop_reason, seq.text_delta))
+        out.append(RequestOutput(step.request_id, step.prompt, step.prompt_token_ids, seqs, step.finished))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(RequestOutputKind))
+def test_the_mirror_rebuilds_each_output_kind_from_deltas(kind):
+    mirror = OutputMirror()
+    mirror.expect(EngineRequest("hi", [5, 6], SamplingParams(n=2, logprobs=1), 3), "r1", kind)
+    cumulative, deltas = _steps(), _as_delta(_steps())
+    got = []
+    for delta in deltas:
+        got += mirror.decode(encode_outputs([delta]))
+    want = {RequestOutputKind.CUMULATIVE: cumulative, RequestOutputKind.DELTA: deltas,
+            RequestOutputKind.FINAL_ONLY: cumulative[-1:]}[kind]
+    assert got == want
+    assert not mirror._requests  # a finished request is forgotten
+    assert mirror.decode(encode_outputs(deltas[:1])) == []  # unknown (aborted) requests are dropped
+
+
+def test_a_frame_grows_with_the_step_not_with_the_sequence():
+    long = RequestOutput("r1", None, [1], [CompletionOutput(0, "z", [7], None, None, None, None, "z")], False)
+    assert len(encode_outputs([long])) < 40
 
 
 def _channel_rank(rank, world, groups, kind, capacity):

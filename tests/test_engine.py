@@ -239,3 +239,39 @@ def test_bfloat16_engine_runs_and_stays_close_to_float32(mixtral_dir):
     assert out.outputs[0].token_ids[0] == token
     assert first_bf16[token].logprob == pytest.approx(first_fp32[token].logprob, abs=0.05)
     assert_no_leak(bf16)
+
+
+def test_output_kinds_carry_all_new_or_final(llm):
+    """CUMULATIVE outputs hold everything so far, DELTA outputs only what each step added (so
+    per-step work does not grow with the output), FINAL_ONLY only the finished output; all
+    three end with the same tokens, text and logprobs (the three requests share batches, so
+    their logprobs agree to fp32 summation order, not bit for bit)."""
+    from expertmesh.outputs import RequestOutputKind
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=1, n=2)
+    prompt = prompts(1, seed=21)[0]
+    ids = {kind: engine.add_request(prompt, params, output_kind=kind) for kind in RequestOutputKind}
+    seen: dict[str, list] = {rid: [] for rid in ids.values()}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    cumulative, deltas, final = (seen[ids[k]] for k in RequestOutputKind)
+    assert len(final) == 1 and final[0].finished and len(deltas) == len(cumulative) > 1
+    assert all(len(seq.token_ids) <= 1 for out in deltas[1:] for seq in out.outputs)  # one token per step
+    def values(logprobs):
+        return [{tok: lp.logprob for tok, lp in entry.items()} for entry in logprobs]
+
+    for index in range(2):
+        whole, last = cumulative[-1].outputs[index], final[0].outputs[index]
+        assert (last.token_ids, last.text, last.finish_reason) == (whole.token_ids, whole.text, "length")
+        assert last.text_delta == whole.text  # nothing was handed out before
+        assert sum((out.outputs[index].token_ids for out in deltas), []) == whole.token_ids
+        assert "".join(out.outputs[index].text for out in deltas) == whole.text
+        delta_lps = sum((out.outputs[index].logprobs for out in deltas), [])
+        for got in (delta_lps, last.logprobs):
+            assert [d.keys() for d in values(got)] == [d.keys() for d in values(whole.logprobs)]
+            flat = [v for d in values(got) for v in d.values()]
+            assert flat == pytest.approx([v for d in values(whole.logprobs) for v in d.values()], abs=1e-5)
+        assert deltas[-1].outputs[index].finish_reason == "length"
+    assert_no_leak(llm)

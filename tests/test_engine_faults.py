@@ -52,8 +52,8 @@ def test_a_failing_detokenizer_ends_only_its_request(llm, clean, monkeypatch):
     engine = llm.engine
     real_add = engine.add
 
-    def add(req, request_id=None):
-        rid = real_add(req, request_id)
+    def add(req, request_id=None, *kind):
+        rid = real_add(req, request_id, *kind)
         if rid == "b":
             seq = engine._requests[rid].seqs[0]
             calls = {"n": 0}

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from expertmesh.config import EngineConfig
 from expertmesh.engine.factory import Engine, make_engine
 from expertmesh.errors import InvalidRequestError
-from expertmesh.outputs import RequestOutput
+from expertmesh.outputs import RequestOutput, RequestOutputKind
 from expertmesh.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -81,7 +81,9 @@ class LLM:
         try:
             for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
                 try:
-                    ids.append(self.engine.add_request(prompt, p, priority=prio))
+                    # Only finished outputs are wanted: no per-step copies of growing sequences.
+                    ids.append(self.engine.add_request(prompt, p, priority=prio,
+                                                       output_kind=RequestOutputKind.FINAL_ONLY))
                 except InvalidRequestError as exc:
                     raise InvalidRequestError(f"prompt {i}: {exc}", param=exc.param, value=exc.value) from exc
         except BaseException:

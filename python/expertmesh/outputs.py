@@ -1,17 +1,27 @@
 """What a request gives back: `RequestOutput` holding one `CompletionOutput` per sequence (n).
 
-Shapes follow vLLM's outputs so scripts written against it read the same fields. One
-RequestOutput is produced every step a request advances (streaming) and a final one with
-`finished=True`; `usage` counts tokens the way OpenAI bills them.
+Shapes follow vLLM's outputs so scripts written against it read the same fields. What a
+step hands back depends on the request's `RequestOutputKind` (vLLM's three): everything so far
+every step, only what is new every step (streaming), or only the finished output (LLM.generate).
+`usage` counts tokens the way OpenAI bills them.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each step's output of a request holds (vLLM's names and values)."""
+
+    CUMULATIVE = 0  # every output: all tokens, text and logprobs so far (a copy: O(length) per step)
+    DELTA = 1  # every output: only what is new since the previous one (streams; O(new) per step)
+    FINAL_ONLY = 2  # no output until the request finishes, then the whole of it
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,47 +109,54 @@ pub unsafe fn attend_item<T: Elem>(
     let mut kt = vec![0.0f32; d * TILE]; // [D, TILE]
     let mut vt = vec![0.0f32; TILE * d]; // [TILE, D]
     let row_stride = keys.num_kv_heads * d;
-    let row_at = |j: usize| {
-        let block = keys.block_table[j / keys.block_size] as usize;
-        (block * keys.block_size + j % keys.block_size) * row_stride
-    };
     let (k_cache, v_cache) = (keys.k_cache, keys.v_cache);
-    let mut bases = [0usize; TILE];
+    let mut bases = [0usize; TILE]; // cache offset of each lane's key
+    let mut ahead = [0usize; TILE];
     let mut work: Vec<(usize, __mmask16)> = Vec::with_capacity(queries.rows * heads); // (query, visible lanes)
     let mut t0 = keys.key_lo / TILE * TILE;
     while t0 < keys.key_hi {
         let (j_lo, j_hi) = (keys.key_lo.max(t0), keys.key_hi.min(t0 + TILE));
         let lanes = j_lo - t0..j_hi - t0;
-        for jj in lanes.clone() {
-            bases[jj] = row_at(t0 + jj);
+        keys.key_offsets(j_lo, &mut bases[lanes.clone()]);
+        let next = (j_hi + (PREFETCH_TILES - 1) * TILE).min(keys.key_hi);
+        let ahead = &mut ahead[..keys.key_hi.min(j_hi + PREFETCH_TILES * TILE) - next];
+        if !ahead.is_empty() {
+            keys.key_offsets(next, ahead);
         }
-        for j in (j_hi + (PREFETCH_TILES - 1) * TILE).min(keys.key_hi)
-            ..keys.key_hi.min(j_hi + PREFETCH_TILES * TILE)
-        {
-            let at = row_at(j);
+        for &at in ahead.iter() {
             for line in (0..row_stride * std::mem::size_of::<T>()).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>((k_cache[at..].as_ptr() as *const i8).add(line));
                 _mm_prefetch::<_MM_HINT_T0>((v_cache[at..].as_ptr() as *const i8).add(line));
             }
         }
         for kv in keys.kv_lo..keys.kv_lo + keys.kv_count {
+            // Every offset was checked when the batch was validated (rows inside the cache).
+            let (kp, vp, vtp) = (k_cache.as_ptr(), v_cache.as_ptr(), vt.as_mut_ptr());
             for c in (0..d).step_by(16) {
                 let mut r = [_mm512_setzero_ps(); 16];
-                for jj in lanes.clone() {
-                    let at = bases[jj] + kv * d + c;
-                    r[jj] = load16(k_cache[at..at + 16].as_ptr());
-                    _mm512_storeu_ps(
-                        vt[jj * d + c..].as_mut_ptr(),
-                        load16(v_cache[at..at + 16].as_ptr()),
-                    );
+                if lanes.len() == TILE {
+                    // A whole tile: constant bounds, so `r` stays in registers.
+                    for jj in 0..TILE {
+                        let at = bases[jj] + kv * d + c;
+                        r[jj] = load16(kp.add(at));
+                        _mm512_storeu_ps(vtp.add(jj * d + c), load16(vp.add(at)));
+                    }
+                } else {
+                    for jj in lanes.clone() {
+                        let at = bases[jj] + kv * d + c;
+                        r[jj] = load16(kp.add(at));
+                        _mm512_storeu_ps(vtp.add(jj * d + c), load16(vp.add(at)));
+                    }
                 }
                 transpose16(&mut r);
                 for (x, row) in r.iter().enumerate() {
                     _mm512_storeu_ps(kt[(c + x) * TILE..].as_mut_ptr(), *row);
                 }
             }
-            for jj in (0..TILE).filter(|jj| !lanes.contains(jj)) {
-                vt[jj * d..(jj + 1) * d].fill(0.0); // weight 0 must not meet a stale NaN
+            if lanes.len() < TILE {
+                for jj in (0..TILE).filter(|jj| !lanes.contains(jj)) {
+                    vt[jj * d..(jj + 1) * d].fill(0.0); // weight 0 must not meet a stale NaN
+                }
             }
             let head0 = (kv - keys.kv_lo) * queries.group;
             work.clear();

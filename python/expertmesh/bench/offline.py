@@ -34,11 +34,17 @@ from expertmesh.bench.datasets import random_requests
 
 # Mixtral-shaped random-weight models the offline bench can make (never committed: they
 # are written into a cache directory). "medium": about 490M parameters, ~1 GB in bf16.
+# "small-long": the peers' small shape (../shared/peers, 14.8M + a 32K vocabulary) with 33K
+# positions, for the long-context curve (bench/attention).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=128, num_local_experts=8, num_experts_per_tok=2,
                    vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1e6,
                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "small-long": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                       vocab_size=32000, max_position_embeddings=33024, rms_norm_eps=1e-5, rope_theta=1e6,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -23,13 +23,13 @@ from collections import OrderedDict
 import numpy as np
 
 from expertmesh.config import EngineConfig
-from expertmesh.engine.dp_frames import (STATS, STEP, STOP, OutputDeltas, OutputMirror, decode_add, encode_add, pack,
+from expertmesh.engine.dp_frames import (STATS, STEP, STOP, OutputMirror, decode_add, encode_add, encode_outputs, pack,
                                          unpack)
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.request_state import EngineRequest
 from expertmesh.errors import CollectiveError, InvalidRequestError
-from expertmesh.outputs import CompletionOutput, RequestOutput
+from expertmesh.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from expertmesh.parallel.all_to_all import tokens_per_rank
 from expertmesh.parallel.launch import RankSetup
 from expertmesh.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ def _add_or_fail(engine: LLMEngine, req: EngineRequest, request_id: str) -> Requ
     """Add on a leader; a request it cannot take ends with "error" (reported with the step's
     outputs) instead of taking the rank, and with it the group, down."""
     try:
-        engine.add(req, request_id)
+        engine.add(req, request_id, RequestOutputKind.DELTA)  # what encode_outputs sends
         return None
     except Exception:  # noqa: BLE001 - rank 0 validated it: this is a bug, isolated to the request
         logger.exception("rank could not add request %s", request_id)
@@ -61,12 +61,11 @@ def _add_or_fail(engine: LLMEngine, req: EngineRequest, request_id: str) -> Requ
 
 def serve_leader(engine: LLMEngine, setup: RankSetup) -> None:
     """A replica leader other than rank 0: serve rank 0's commands until "stop"."""
-    deltas = OutputDeltas()
-    while _serve_one(engine, setup, deltas):
+    while _serve_one(engine, setup):
         pass
 
 
-def _serve_one(engine: LLMEngine, setup: RankSetup, deltas: OutputDeltas) -> bool:
+def _serve_one(engine: LLMEngine, setup: RankSetup) -> bool:
     """One command from rank 0; False once told to stop."""
     channel, replica, profile = setup.control, setup.layout.dp_rank, setup.profile
     assert channel is not None
@@ -82,7 +81,7 @@ def _serve_one(engine: LLMEngine, setup: RankSetup, deltas: OutputDeltas) -> boo
                 engine.abort_request(request_id)
             outputs = [out for out in failed if out is not None] + engine.step()
             with profile.section("control"):
-                reply = deltas.encode(outputs)
+                reply = encode_outputs(outputs)
                 _collective(lambda: channel.gather(reply), "sending outputs")
         elif command[0] == STATS:
             reply = pack(engine.stats())
@@ -138,7 +137,7 @@ class DPEngine:
         return replica
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0) -> str:
+                    priority: int = 0, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
         req = self.engine.check_request(prompt, params, priority)  # rank 0 validates for everyone
         if request_id is None:
             request_id = f"dp-{self._next_id}"
@@ -147,10 +146,10 @@ class DPEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id", value=request_id)
         replica = self.pick_replica(req.prompt_ids)
         if replica == 0:
-            self.engine.add(req, request_id)
+            self.engine.add(req, request_id, output_kind)
         else:
             self._adds[replica].append(encode_add(req, request_id))
-            self._mirror.expect(req, request_id)
+            self._mirror.expect(req, request_id, output_kind)
         self._owner[request_id] = replica
         self._load[replica] += 1
         return request_id

@@ -6,8 +6,9 @@ being [request_id, prompt, prompt_ids, sampling params {field: value}, max_token
 [request_id, finished, seqs], per sequence [index, new token ids, text delta, new logprobs
 ([[token, logprob, rank, text], ...] per token, or None), cumulative logprob, finish reason,
 stop reason] -- so a frame grows with the tokens a step made, not with the text so far.
-`OutputDeltas` (leader) remembers what it sent; `OutputMirror` (rank 0) keeps the sequences
-and turns deltas back into the RequestOutputs the leader's engine made.
+A leader's engine makes DELTA outputs (outputs.RequestOutputKind), which `encode_outputs` packs
+as they are; `OutputMirror` (rank 0) keeps the sequences and hands each request's outputs back
+in the kind rank 0's caller asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import msgpack
 
 from expertmesh.engine.request_state import EngineRequest
-from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput
+from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from expertmesh.sampling_params import SamplingParams
 
 STEP, STATS, STOP = "step", "stats", "stop"
@@ -47,27 +48,14 @@ def _logprobs(entries: list[dict[int, Logprob]]) -> list[list[list]]:
     return [[[tok, lp.logprob, lp.rank, lp.decoded_token] for tok, lp in entry.items()] for entry in entries]
 
 
-class OutputDeltas:
-    """A leader's side: its engine's outputs -> reply frames of what is new since the last one."""
-
-    def __init__(self) -> None:
-        self._sent: dict[str, list[int]] = {}  # request -> tokens already sent per sequence
-
-    def encode(self, outputs: list[RequestOutput]) -> bytes:
-        items = []
-        for out in outputs:
-            sent = self._sent.setdefault(out.request_id, [0] * len(out.outputs))
-            seqs = []
-            for seq in out.outputs:
-                start = sent[seq.index]
-                sent[seq.index] = len(seq.token_ids)
-                lps = None if seq.logprobs is None else _logprobs(seq.logprobs[start:])
-                seqs.append([seq.index, seq.token_ids[start:], seq.text_delta, lps, seq.cumulative_logprob,
-                             seq.finish_reason, seq.stop_reason])
-            if out.finished:
-                del self._sent[out.request_id]
-            items.append([out.request_id, out.finished, seqs])
-        return pack(items)
+def encode_outputs(outputs: list[RequestOutput]) -> bytes:
+    """A leader's reply: its engine's DELTA outputs of one step, as they are."""
+    items = []
+    for out in outputs:
+        seqs = [[seq.index, seq.token_ids, seq.text_delta, None if seq.logprobs is None else _logprobs(seq.logprobs),
+                 seq.cumulative_logprob, seq.finish_reason, seq.stop_reason] for seq in out.outputs]
+        items.append([out.request_id, out.finished, seqs])
+    return pack(items)
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,10 +71,11 @@ class OutputMirror:
     """Rank 0's side: the requests other replicas run, rebuilt from their reply frames."""
 
     def __init__(self) -> None:
-        self._requests: dict[str, tuple[EngineRequest, list[_Sequence]]] = {}
+        self._requests: dict[str, tuple[EngineRequest, RequestOutputKind, list[_Sequence]]] = {}
 
-    def expect(self, req: EngineRequest, request_id: str) -> None:
-        self._requests[request_id] = (req, [_Sequence() for _ in range(req.params.n)])
+    def expect(self, req: EngineRequest, request_id: str,
+               kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+        self._requests[request_id] = (req, kind, [_Sequence() for _ in range(req.params.n)])
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -97,19 +86,25 @@ class OutputMirror:
             entry = self._requests.get(request_id)
             if entry is None:  # aborted on rank 0 while the replica stepped
                 continue
-            req, mirrors = entry
+            req, kind, mirrors = entry
             outs = []
             for index, new_ids, delta, lps, cumulative, finish_reason, stop_reason in seqs:
+                new_lps = None if lps is None else [{tok: Logprob(lp, rank, text) for tok, lp, rank, text in row}
+                                                    for row in lps]
+                if kind == RequestOutputKind.DELTA:  # pass through: nothing kept, nothing copied
+                    outs.append(CompletionOutput(index, delta, new_ids, cumulative, new_lps, finish_reason,
+                                                 stop_reason, delta))
+                    continue
                 mine = mirrors[index]
                 mine.token_ids += new_ids
                 mine.text += delta
-                if lps is not None:
-                    if mine.logprobs is None:
-                        mine.logprobs = []
-                    mine.logprobs += [{tok: Logprob(lp, rank, text) for tok, lp, rank, text in row} for row in lps]
+                if new_lps is not None:
+                    mine.logprobs = (mine.logprobs or []) + new_lps
                 outs.append(CompletionOutput(index, mine.text, list(mine.token_ids), cumulative, mine.logprobs,
                                              finish_reason, stop_reason, delta))
             if finished:
                 del self._requests[request_id]
+            if kind == RequestOutputKind.FINAL_ONLY and not finished:
+                continue
             outputs.append(RequestOutput(request_id, req.prompt, req.prompt_ids, outs, finished))
         return outputs

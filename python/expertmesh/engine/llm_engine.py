@@ -23,7 +23,7 @@ from expertmesh.engine.sampler import Sampler
 from expertmesh.errors import InvalidRequestError
 from expertmesh.fields import TokenIdsField
 from expertmesh.layers.moe import FusedMoE
-from expertmesh.outputs import Logprob, RequestOutput
+from expertmesh.outputs import Logprob, RequestOutput, RequestOutputKind
 from expertmesh.limits import RequestLimits, check_priority
 from expertmesh.sampling_params import FIELDS as SAMPLING_FIELDS
 from expertmesh.sampling_params import SamplingParams
@@ -82,12 +82,15 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError for anything invalid.
-        A lower priority value is served first (then arrival order), as in vLLM."""
-        return self.add(self.check_request(prompt, params, priority), request_id)
+        A lower priority value is served first (then arrival order), as in vLLM. output_kind:
+        what step() hands back for it (outputs.RequestOutputKind)."""
+        return self.add(self.check_request(prompt, params, priority), request_id, output_kind)
 
-    def add(self, req: EngineRequest, request_id: str | None = None) -> str:
+    def add(self, req: EngineRequest, request_id: str | None = None,
+            output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
         """Queue a validated request as its n sequences, all or none."""
         if request_id is None:
             request_id = str(next(self._request_counter))
@@ -96,7 +99,7 @@ class LLMEngine:
         params = req.params
         eos, *more_eos = self.tokenizer.eos_token_ids or [None]
         stop_ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else more_eos)
-        state = RequestState(request_id, req.prompt, req.prompt_ids, [])
+        state = RequestState(request_id, req.prompt, req.prompt_ids, [], RequestOutputKind(output_kind))
         try:
             for index in range(params.n):
                 core_id = next(self._core_ids)
@@ -231,7 +234,9 @@ class LLMEngine:
                 continue
             touched[state.request_id] = state
         for state in touched.values():
-            outputs.append(state.to_output())
+            out = state.to_output()
+            if out is not None:
+                outputs.append(out)
             if state.finished:
                 del self._requests[state.request_id]
         return outputs
@@ -283,7 +288,7 @@ class LLMEngine:
                 if not seq.finished:
                     seq.finish_reason = "error"
             self._requests.pop(state.request_id, None)
-        return [state.to_output() for state in states.values()]
+        return [out for state in states.values() if (out := state.to_output()) is not None]
 
     def _record_logprobs(self, seq: SequenceState, token: int, logprobs: tuple) -> None:
         sampled_lp, top_ids, top_lps, rank = logprobs

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from expertmesh.engine.detokenizer import IncrementalDetokenizer
-from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput
+from expertmesh.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from expertmesh.sampling_params import SamplingParams
 
 
@@ -41,21 +41,30 @@ class SequenceState:
     stop_reason: int | str | None = None
     # Text produced since the last output was taken (for streaming).
     pending_delta: str = ""
+    # Tokens (and logprob entries) handed out in earlier outputs, for DELTA outputs.
+    sent: int = 0
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def to_output(self) -> CompletionOutput:
-        """The sequence so far; hands over (and clears) the text produced since the last call."""
+    def to_output(self, kind: RequestOutputKind) -> CompletionOutput:
+        """The sequence so far (DELTA: only what is new since the last call); hands over (and
+        clears) the text produced since the last call as text_delta either way."""
         delta, self.pending_delta = self.pending_delta, ""
+        start, self.sent = self.sent, len(self.token_ids)
+        if kind == RequestOutputKind.DELTA:
+            text, token_ids = delta, self.token_ids[start:]
+            logprobs = None if self.logprobs is None else self.logprobs[start:]
+        else:
+            text, token_ids, logprobs = self.detokenizer.output_text, list(self.token_ids), self.logprobs
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.output_text,
-            token_ids=list(self.token_ids),
+            text=text,
+            token_ids=token_ids,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            logprobs=self.logprobs,
+            logprobs=logprobs,
             cumulative_logprob=self.cumulative_logprob,
             text_delta=delta,
         )
@@ -69,16 +78,21 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[SequenceState]
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     @property
     def finished(self) -> bool:
         return all(seq.finished for seq in self.seqs)
 
-    def to_output(self) -> RequestOutput:
+    def to_output(self) -> RequestOutput | None:
+        """This step's output in the request's kind; None for FINAL_ONLY until it finishes."""
+        finished = self.finished
+        if self.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[seq.to_output() for seq in self.seqs],
-            finished=self.finished,
+            outputs=[seq.to_output(self.output_kind) for seq in self.seqs],
+            finished=finished,
         )

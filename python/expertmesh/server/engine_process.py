@@ -43,6 +43,7 @@ import traceback
 from typing import Any
 
 from expertmesh.errors import CoreError, InvalidRequestError
+from expertmesh.outputs import RequestOutputKind
 from expertmesh.server.link import LinkClosed, encode, recv_frame
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class EngineLoop:
         self.engine = engine
         self.sock = sock
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.sent: dict[str, list[int]] = {}  # request id -> tokens already sent, per sequence
+        self.live: set[str] = set()  # requests added and not yet finished or aborted
         self.arrival: dict[str, float] = {}  # request id -> when it arrived, until its first output
         self.last_stats = 0.0
         self.dirty = True
@@ -85,7 +86,8 @@ class EngineLoop:
         request_id = message.get("id")
         try:
             params = SamplingParams(**message["params"])
-            self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0))
+            self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0),
+                                    output_kind=RequestOutputKind.DELTA)
         except (InvalidRequestError, CoreError) as exc:
             self._error(request_id, str(exc), getattr(exc, "param", None), 400)
             return
@@ -93,7 +95,7 @@ class EngineLoop:
             logger.exception("adding request %s failed", request_id)
             self._error(request_id, f"the engine could not take the request: {type(exc).__name__}: {exc}", None, 500)
             return
-        self.sent[request_id] = [0] * params.n
+        self.live.add(request_id)
         self.arrival[request_id] = time.monotonic()
 
     def _handle(self, message: dict[str, Any]) -> bool:
@@ -103,7 +105,7 @@ class EngineLoop:
             self._add(message)
         elif kind == "abort":
             self.engine.abort_request(message["id"])
-            self.sent.pop(message["id"], None)
+            self.live.discard(message["id"])
             self.arrival.pop(message["id"], None)
         elif kind == "shutdown":
             return False
@@ -125,35 +127,32 @@ class EngineLoop:
                 good.append(item)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.engine.abort_request(item["id"])
-                self.sent.pop(item["id"], None)
+                self.live.discard(item["id"])
                 self._error(item["id"], f"the engine could not encode this request's output: {exc}", None, 500)
         self.send({"type": "outputs", "outputs": good})
 
     def _outputs_frame(self, outputs: list[Any], step_start: float) -> dict[str, Any]:
         frames = []
         for out in outputs:
-            sent = self.sent.get(out.request_id)
-            if sent is None:  # aborted while the step ran
+            if out.request_id not in self.live:  # aborted while the step ran
                 continue
             item: dict[str, Any] = {"id": out.request_id, "finished": out.finished, "seqs": []}
             arrived = self.arrival.pop(out.request_id, None)
             if arrived is not None:
                 item["queue_time"] = max(0.0, step_start - arrived)
-            for seq in out.outputs:
-                start = sent[seq.index]
-                sent[seq.index] = len(seq.token_ids)
+            for seq in out.outputs:  # DELTA outputs: only what this step made
                 entry: dict[str, Any] = {
                     "index": seq.index,
                     "text": seq.text_delta,
-                    "token_ids": seq.token_ids[start:],
+                    "token_ids": seq.token_ids,
                     "finish_reason": seq.finish_reason,
                     "stop_reason": seq.stop_reason,
                 }
                 if seq.logprobs is not None:
-                    entry["logprobs"] = _logprob_entries(seq.logprobs[start:])
+                    entry["logprobs"] = _logprob_entries(seq.logprobs)
                 item["seqs"].append(entry)
             if out.finished:
-                self.sent.pop(out.request_id, None)
+                self.live.discard(out.request_id)
             frames.append(item)
         return {"type": "outputs", "outputs": frames}
 
