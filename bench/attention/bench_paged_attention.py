@@ -9,7 +9,9 @@ Variants, all measured in this run on the same inputs:
 - ref-fp32cache: paged_attention_ref with bf16 queries over an fp32 cache of the same values
   (what the engine ran before: the fp32 copy let torch's fused attention skip conversions);
 - ref-bf16: paged_attention_ref on the bf16 cache.
-The floor is K and V bytes / the read bandwidth of a 1 GiB tensor sum (torch, all threads).
+Floors: decode reads K and V once (bytes / the read bandwidth of a 1 GiB tensor sum, torch, all
+threads); prefill is compute-bound (4 x NH x D FLOPs per visible (query, key) pair / the fp32
+GFLOP/s of a 2048^3 torch matmul on the same threads).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def read_bandwidth() -> float:
     return x.numel() * 4 / median_time(lambda: x.sum(), 5)
 
 
+def matmul_flops() -> float:
+    """FLOP/s of an fp32 2048^3 matmul (median of 5): the compute floor's peak."""
+    a = torch.randn(2048, 2048)
+    return 2 * 2048**3 / median_time(lambda: a @ a, 5)
+
+
 def make_case(heads: tuple[int, int, int], reqs: int, ctx: int, new: int, seed: int = 0) -> dict:
     nh, nkv, d = heads
     gen = torch.Generator().manual_seed(seed)
@@ -56,9 +64,10 @@ def make_case(heads: tuple[int, int, int], reqs: int, ctx: int, new: int, seed: 
     v = torch.randn(num_blocks, BLOCK, nkv, d, generator=gen).to(torch.bfloat16)
     tables = torch.randperm(num_blocks - 1, generator=gen)[: reqs * per_req].view(reqs, per_req).int()
     q = torch.randn(reqs * new, nh, d, generator=gen).to(torch.bfloat16)
+    pairs = reqs * sum(ctx + i + 1 for i in range(new))  # visible (query, key) pairs
     return dict(q=q, k=k, v=v, tables=tables, qsl=(torch.arange(reqs + 1) * new).int(),
                 lens=torch.full((reqs,), total, dtype=torch.int32), scale=d**-0.5,
-                kv_bytes=reqs * total * nkv * d * 2 * 2)
+                kv_bytes=reqs * total * nkv * d * 2 * 2, flops=4 * nh * d * pairs)
 
 
 def variants(c: dict) -> dict:
@@ -76,25 +85,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--iters", type=int, default=7)
     args = parser.parse_args()
-    bandwidth = read_bandwidth()
+    bandwidth, peak = read_bandwidth(), matmul_flops()
     rows = []
     todo = [(m, case) for m in SHAPES for case in CASES]
     for model, (name, reqs, ctx, new) in tqdm(todo, desc="cases"):
         c = make_case(SHAPES[model], reqs, ctx, new)
         ms = {v: 1e3 * median_time(fn, args.iters if new == 1 else 3) for v, fn in variants(c).items()}
-        rows.append({"model": model, "case": name, "ms": ms, "kv_floor_ms": 1e3 * c["kv_bytes"] / bandwidth,
+        floor = c["kv_bytes"] / bandwidth if new == 1 else c["flops"] / peak
+        rows.append({"model": model, "case": name, "ms": ms, "floor_ms": 1e3 * floor,
+                     "floor": "KV read" if new == 1 else "fp32 FLOPs",
+                     "rust_gflop_s": c["flops"] / ms["rust-bf16"] / 1e6,
                      "speedup_vs_ref_fp32cache": ms["ref-fp32cache"] / ms["rust-bf16"]})
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, torch threads {torch.get_num_threads()}\n")
-    print("| model | case | rust-bf16 ms | ref-fp32cache ms | ref-bf16 ms | speedup | KV floor ms | rust / floor |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {peak / 1e9:.0f} GFLOP/s, "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("| model | case | rust-bf16 ms | ref-fp32cache ms | ref-bf16 ms | speedup | rust GFLOP/s | floor ms "
+          "| rust / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ms = r["ms"]
-        print(f"| {r['model']} | {r['case']} | {ms['rust-bf16']:.2f} | {ms['ref-fp32cache']:.2f} | {ms['ref-bf16']:.2f} "
-              f"| {r['speedup_vs_ref_fp32cache']:.1f}x | {r['kv_floor_ms']:.2f} | "
-              f"{ms['rust-bf16'] / r['kv_floor_ms']:.1f} |")
+        print(f"| {r['model']} | {r['case']} | {ms['rust-bf16']:.2f} | {ms['ref-fp32cache']:.2f} "
+              f"| {ms['ref-bf16']:.2f} | {r['speedup_vs_ref_fp32cache']:.1f}x | {r['rust_gflop_s']:.0f} "
+              f"| {r['floor_ms']:.2f} ({r['floor']}) | {ms['rust-bf16'] / r['floor_ms']:.1f} |")
     if args.out:
         doc = {"command": " ".join(["bench/attention/bench_paged_attention.py"] + sys.argv[1:]),
-               "read_bandwidth_gb_s": bandwidth / 1e9, "threads": torch.get_num_threads(), "rows": rows}
+               "read_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": peak / 1e9,
+               "threads": torch.get_num_threads(), "rows": rows}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 

@@ -161,13 +161,7 @@ pub unsafe fn attend_item<T: Elem>(
             let head0 = (kv - keys.kv_lo) * queries.group;
             work.clear();
             for r in 0..queries.rows {
-                let pos = queries.first_pos + r;
-                let vis_lo = queries
-                    .window
-                    .map_or(0, |w| (pos + 1).saturating_sub(w))
-                    .max(j_lo);
-                let vis_hi = (pos + 1).min(j_hi);
-                if vis_lo < vis_hi {
+                if let Some((vis_lo, vis_hi)) = queries.visible(r, j_lo, j_hi) {
                     let mask = (((1u32 << (vis_hi - t0)) - 1) & !((1u32 << (vis_lo - t0)) - 1))
                         as __mmask16;
                     work.extend((0..queries.group).map(|g| (r * heads + head0 + g, mask)));
@@ -195,9 +189,13 @@ pub unsafe fn attend_item<T: Elem>(
 /// An item's per-query arrays (query vector m at `q + m * D`, and so on), raw because the
 /// queries of one batch are updated together; each m appears once per batch.
 struct State {
+    /// Scaled fp32 query vectors [M, D].
     q: *const f32,
+    /// Unnormalised outputs [M, D].
     acc: *mut f32,
+    /// Running max score per query [M].
     maxes: *mut f32,
+    /// Running sum of exp(score - max) per query [M].
     sums: *mut f32,
 }
 

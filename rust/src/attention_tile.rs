@@ -115,6 +115,21 @@ pub struct ItemQueries<'a> {
     pub window: Option<usize>,
 }
 
+impl ItemQueries<'_> {
+    /// The keys of `j_lo..j_hi` that row `r` sees (at or before its position, inside the
+    /// window), as a range; None if it sees none of them.
+    #[inline(always)]
+    pub fn visible(&self, r: usize, j_lo: usize, j_hi: usize) -> Option<(usize, usize)> {
+        let pos = self.first_pos + r;
+        let lo = self
+            .window
+            .map_or(0, |w| (pos + 1).saturating_sub(w))
+            .max(j_lo);
+        let hi = (pos + 1).min(j_hi);
+        (lo < hi).then_some((lo, hi))
+    }
+}
+
 /// Attends one item and writes its partial result into `out` = [M*D acc | M max | M sum]
 /// (M = rows * kv_count * group, ordered as `q`): unnormalised fp32 output, running max and sum of exp(score - max).
 pub fn attend_item<T: Elem>(keys: &ItemKeys<'_, T>, queries: &ItemQueries<'_>, out: &mut [f32]) {
@@ -250,15 +265,9 @@ fn attend_impl<T: Elem, const FMA: bool>(
             }
             let head0 = (kv - keys.kv_lo) * queries.group;
             for r in 0..queries.rows {
-                let pos = queries.first_pos + r;
-                let vis_lo = queries
-                    .window
-                    .map_or(0, |w| (pos + 1).saturating_sub(w))
-                    .max(j_lo);
-                let vis_hi = (pos + 1).min(j_hi);
-                if vis_lo >= vis_hi {
+                let Some((vis_lo, vis_hi)) = queries.visible(r, j_lo, j_hi) else {
                     continue;
-                }
+                };
                 for g in 0..queries.group {
                     let m = r * heads + head0 + g;
                     attend_tile::<FMA>(
