@@ -1,4 +1,4 @@
-"""Type stubs for ``expertmesh._core``, the Rust core (rust/src/py.rs).
+"""Type stubs for ``expertmesh._core``, the Rust core (rust/src/py/).
 
 Legend: N scheduled requests, T tokens computed this step, S requests that sample this step,
 MB block-table columns, E experts, k experts per token, R ranks, El = E / R experts per rank,

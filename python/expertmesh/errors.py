@@ -3,7 +3,7 @@
 
     ExpertMeshError
     ├── InvalidRequestError   bad input (a ValueError): names the field, the limit and the value
-    ├── CoreError             the Rust core refused a call (a ValueError; raised from rust/src/py.rs)
+    ├── CoreError             the Rust core refused a call (a ValueError; raised from rust/src/py/)
     ├── CollectiveError       a collective failed: a peer rank died or ranks left lockstep
     └── EngineDeadError       the engine (process) is gone; requests in flight cannot finish
 

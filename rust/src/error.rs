@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-/// Everything the core rejects. `py.rs` maps every variant to the Python `CoreError`
+/// Everything the core rejects. `py/` maps every variant to the Python `CoreError`
 /// (a `ValueError` subclass), except the two peer failures, which are `CollectiveError`s.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CoreError {
