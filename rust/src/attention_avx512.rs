@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention_tile::{Elem, ItemKeys, ItemQueries, TILE};
+use crate::attention_tile::{reset_partials, Elem, ItemKeys, ItemQueries, TILE};
 
 /// How many tiles ahead the next keys' cache lines are requested.
 const PREFETCH_TILES: usize = 2;
@@ -100,12 +100,7 @@ pub unsafe fn attend_item<T: Elem>(
 ) {
     let d = keys.head_dim;
     let heads = keys.kv_count * queries.group;
-    let m_total = queries.rows * heads;
-    let (acc, stats) = out.split_at_mut(m_total * d);
-    let (maxes, sums) = stats.split_at_mut(m_total);
-    acc.fill(0.0);
-    maxes.fill(f32::NEG_INFINITY);
-    sums.fill(0.0);
+    let (acc, maxes, sums) = reset_partials(out, queries.rows * heads, d);
     let mut kt = vec![0.0f32; d * TILE]; // [D, TILE]
     let mut vt = vec![0.0f32; TILE * d]; // [TILE, D]
     let row_stride = keys.num_kv_heads * d;

@@ -130,6 +130,17 @@ impl ItemQueries<'_> {
     }
 }
 
+/// An item's partial result `out` = [M*D acc | M max | M sum] split into its three parts and
+/// reset for accumulation (acc and sum 0, max -inf).
+pub fn reset_partials(out: &mut [f32], m: usize, d: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    let (acc, stats) = out.split_at_mut(m * d);
+    let (maxes, sums) = stats.split_at_mut(m);
+    acc.fill(0.0);
+    maxes.fill(f32::NEG_INFINITY);
+    sums.fill(0.0);
+    (acc, maxes, sums)
+}
+
 /// Attends one item and writes its partial result into `out` = [M*D acc | M max | M sum]
 /// (M = rows * kv_count * group, ordered as `q`): unnormalised fp32 output, running max and sum of exp(score - max).
 pub fn attend_item<T: Elem>(keys: &ItemKeys<'_, T>, queries: &ItemQueries<'_>, out: &mut [f32]) {
@@ -220,12 +231,7 @@ fn attend_impl<T: Elem, const FMA: bool>(
 ) {
     let d = keys.head_dim;
     let heads = keys.kv_count * queries.group; // query heads per row
-    let m_total = queries.rows * heads;
-    let (acc, stats) = out.split_at_mut(m_total * d);
-    let (maxes, sums) = stats.split_at_mut(m_total);
-    acc.fill(0.0);
-    maxes.fill(f32::NEG_INFINITY);
-    sums.fill(0.0);
+    let (acc, maxes, sums) = reset_partials(out, queries.rows * heads, d);
     let mut kt = vec![0.0f32; d * TILE]; // [D, TILE]: keys transposed, so scores are lane-wise
     let mut vt = vec![0.0f32; TILE * d]; // [TILE, D]
     let row_stride = keys.num_kv_heads * d;
