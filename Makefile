@@ -9,7 +9,7 @@ STAMP := $(VENV)/.expertmesh-installed
 setup: $(STAMP)
 
 # Reinstall when the build inputs change; pip's cache makes a repeat cheap.
-$(STAMP): pyproject.toml Cargo.toml kernels/pyproject.toml $(wildcard rust/src/*.rs rust/src/py/*.rs)
+$(STAMP): pyproject.toml Cargo.toml kernels/pyproject.toml $(wildcard rust/src/*.rs rust/src/*/*.rs)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e kernels

@@ -2,7 +2,7 @@
 
 Reference: attention.paged_attention_ref (same inputs, same result to fp32 rounding).
 
-The kernel (expertmesh._core.paged_attention, rust/src/paged_attention.rs) splits the batch
+The kernel (expertmesh._core.paged_attention, rust/src/paged_attention/) splits the batch
 into (request, KV head, 16 query rows) items, and decodes also into 512-key partitions, runs
 them on torch's intra-op thread count, converts each 16-key tile of the cache to fp32 once
 for all the query heads sharing it, and merges partitions exactly. No dense copy of the

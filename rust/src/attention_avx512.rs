@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention_tile::{reset_partials, Elem, ItemKeys, ItemQueries, TILE};
+use crate::attention_item::{reset_partials, Elem, ItemKeys, ItemQueries, TILE};
 
 /// How many tiles ahead the next keys' cache lines are requested.
 const PREFETCH_TILES: usize = 2;

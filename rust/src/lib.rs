@@ -11,8 +11,9 @@
 //!   capacity and the double-buffer phase ring; [`shm_rows`]: the shared-memory all-to-all's
 //!   data path (rows into peers' slots, flags, waits, adding returned rows); [`moe_exchange`]:
 //!   dispatch and combine over it, one call each.
-//! - [`paged_attention`]: CPU attention over the paged KV cache, read in place; its inner loop
-//!   (tiles of keys, online softmax) in [`attention_tile`], its AVX-512 version in
+//! - [`paged_attention`]: CPU attention over the paged KV cache, read in place; what a work
+//!   item is in [`attention_item`], its inner loop (tiles of keys, online softmax) in
+//!   [`attention_tile`], its AVX-512 version in
 //!   `attention_avx512`; worker threads in
 //!   [`cpu_pool`].
 //! - `py` (feature `python`): the PyO3 module `expertmesh._core` (rust/src/py/, one file per
@@ -22,6 +23,7 @@ pub mod a2a;
 pub mod a2a_buffers;
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx512;
+pub mod attention_item;
 pub mod attention_tile;
 pub mod block_hash;
 pub mod block_pool;

@@ -10,7 +10,7 @@ unlinked so nothing leaks even if a process is killed). Layout of rank d's segme
 
 A call: take the next phase from the Rust PhaseRing, write rows straight into every
 destination's slot [p, me] (the row writes, flags and waits run in Rust, _core.ShmRows,
-rust/src/shm_rows.rs, with the GIL released; this file lays out and maps the segments) (my own segment's included; gathered there by index_select when the
+rust/src/shm_rows/, with the GIL released; this file lays out and maps the segments) (my own segment's included; gathered there by index_select when the
 caller passes a gather index: no staging copy on the sender) with their counts, and only then
 publish the flags; wait until all R flags of my slot p read seq + 1, take the rows, release the
 phase. Flags carry the sequence number, so a stale flag from two calls ago never matches. Two

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::py_err;
-use crate::attention_tile::{Bf16, Elem};
+use crate::attention_item::{Bf16, Elem};
 use crate::paged_attention::PagedAttention;
 
 /// Tensor addresses and sizes as the launcher passes them: the launcher has checked dtype,
