@@ -66,11 +66,6 @@ def test_the_mirror_rebuilds_each_output_kind_from_deltas(kind):
     assert mirror.decode(encode_outputs(deltas[:1])) == []  # unknown (aborted) requests are dropped
 
 
-def test_a_frame_grows_with_the_step_not_with_the_sequence():
-    long = RequestOutput("r1", None, [1], [CompletionOutput(0, "z", [7], None, None, None, None, "z")], False)
-    assert len(encode_outputs([long])) < 40
-
-
 def _channel_rank(rank, world, groups, kind, capacity):
     from expertmesh.parallel.control_channel import ShmControlChannel, TorchControlChannel
 
