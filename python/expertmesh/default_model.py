@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 NAME = "expertmesh-tiny-moe"
 VERSION = 1
@@ -68,6 +69,8 @@ def _tokenizer_json() -> str:
 
 def _weights(vocab_size: int) -> dict[str, torch.Tensor]:
     """Hub-layout Mixtral weights, normal(0, 0.02) like HF's init, norms at one."""
+    import torch  # here, not at the top: the router needs only the path, and torch takes seconds to import
+
     gen = torch.Generator().manual_seed(SEED)
     c = CONFIG
     h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
@@ -97,6 +100,7 @@ def _weights(vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def _write(target: Path) -> None:
+    from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     tokenizer_json = _tokenizer_json()

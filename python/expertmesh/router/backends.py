@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from expertmesh.router.upstream import UpstreamPool
+
 logger = logging.getLogger(__name__)
 _QUEUE_GAUGE = re.compile(r"^(?:expertmesh|vllm|sglang):num_requests_(?:waiting|running)(?:\{[^}]*\})? (\S+)$", re.M)
 
@@ -48,10 +50,13 @@ class BackendPool:
         names = [b.url for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"backend URLs must be distinct, got {names}")
+        self.upstream = UpstreamPool()  # requests go over these connections (upstream.py)
+        for url in names:
+            self.upstream.target(url)  # a URL it cannot speak to fails here, not on the first request
         self.backends = {b.url: b for b in backends}
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self._task: asyncio.Task | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # health checks and /v1/models: off the hot path
 
     def healthy(self) -> set[str]:
         return {url for url, b in self.backends.items() if b.healthy}
@@ -74,6 +79,7 @@ class BackendPool:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
+        self.upstream.close()
 
     async def _loop(self) -> None:
         while True:
