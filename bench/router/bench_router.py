@@ -12,8 +12,8 @@
    servers per cell: no cell inherits a warm cache.
 2. Router overhead: short requests (max_tokens 1) at --rate requests/s to one replica (one
    torch thread, so a core is left for the router and the load generator), directly and through
-   the router, twice each, alternating: the p50 TTFT difference is what the router adds; and
-   the same against instant_backend.py, which answers at once, so only the HTTP path is left.
+   the router, --pairs times each, alternating: the difference of the median p50 TTFTs is what
+   the router adds; and the same against instant_backend.py, which answers at once, so only the HTTP path is left.
 
 Everything (replicas, router, load generator) shares this machine's cores.
 """
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from server_util import ServerProcess, free_port, metric  # noqa: E402 - the tests' launcher
 
 PREFIXES, PREFIX_LEN, SUFFIX_LEN, OUTPUT_LEN, PROMPTS = 32, 256, 16, 4, 320
+REQUESTS = 500  # per overhead run
 BLOCKS_PER_PREFIX = PREFIX_LEN // 16
 
 
@@ -111,24 +113,34 @@ def hit_rates(replicas: int, tmp: Path) -> dict:
     return row
 
 
-def overhead(rate: float, tmp: Path) -> dict:
+def _alternate(direct: str, router: subprocess.Popen, router_url: str, load: list[str], tmp: Path,
+               pairs: int) -> dict:
+    """Direct, through the router, direct, ... `pairs` times: p50 TTFT of each run, and the
+    router's own CPU time per request (from /proc) over each of its runs."""
+    out: dict = {"direct": [], "router": [], "router_cpu_ms_per_request": []}
+    for i in range(pairs):
+        out["direct"].append(_load(direct, load, tmp / f"direct-{i}.json")["median_ttft_ms"])
+        cpu = _cpu_seconds(router.pid)
+        out["router"].append(_load(router_url, load, tmp / f"router-{i}.json")["median_ttft_ms"])
+        out["router_cpu_ms_per_request"].append((_cpu_seconds(router.pid) - cpu) * 1e3 / REQUESTS)
+    out["added_ms"] = statistics.median(out["router"]) - statistics.median(out["direct"])
+    return out
+
+
+def overhead(rate: float, tmp: Path, pairs: int) -> dict:
     (server,) = _servers(1, 512, tmp, threads=1)  # a core left for the router and the load generator
     router, router_url = _router([server.url], "prefix-hash", tmp / "router-overhead.log")
-    load = ["--dataset", "random", "--random-input-len", "16", "--random-output-len", "1", "--num-prompts", "500",
-            "--request-rate", str(rate), "--tokenizer", str(_builtin()), "--seed", "2"]
+    load = ["--dataset", "random", "--random-input-len", "16", "--random-output-len", "1", "--num-prompts",
+            str(REQUESTS), "--request-rate", str(rate), "--tokenizer", str(_builtin()), "--seed", "2"]
     try:
-        out = {}
-        for name, url in (("direct", server.url), ("router", router_url), ("direct_again", server.url),
-                          ("router_again", router_url)):
-            out[name] = _load(url, load, tmp / f"overhead-{name}.json")["median_ttft_ms"]
+        return _alternate(server.url, router, router_url, load, tmp, pairs)
     finally:
         router.send_signal(signal.SIGTERM)
         router.wait(20)
         server.stop()
-    return out
 
 
-def isolated_overhead(rate: float) -> dict:
+def isolated_overhead(rate: float, pairs: int) -> dict:
     """The same comparison against instant_backend.py: only the HTTP path is left."""
     port = free_port()
     backend = subprocess.Popen([sys.executable, str(Path(__file__).with_name("instant_backend.py")), str(port)])
@@ -143,15 +155,9 @@ def isolated_overhead(rate: float) -> dict:
                 time.sleep(0.1)
         router, router_url = _router([url], "round-robin", tmp / "router-instant.log")
         load = ["--dataset", "random", "--random-input-len", "16", "--random-output-len", "1", "--num-prompts",
-                "500", "--request-rate", str(rate), "--vocab-size", "600", "--seed", "3"]
+                str(REQUESTS), "--request-rate", str(rate), "--vocab-size", "600", "--seed", "3"]
         try:
-            out = {}
-            for name, u in (("direct", url), ("router", router_url), ("direct_again", url), ("router_again", router_url)):
-                cpu = _cpu_seconds(router.pid)
-                out[name] = _load(u, load, tmp / f"instant-{name}.json")["median_ttft_ms"]
-                if name == "router":  # the router's own CPU time per request, from /proc
-                    out["router_cpu_ms_per_request"] = (_cpu_seconds(router.pid) - cpu) * 1e3 / 500
-            return out
+            return _alternate(url, router, router_url, load, tmp, pairs)
         finally:
             router.send_signal(signal.SIGTERM)
             router.wait(20)
@@ -164,6 +170,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _ms(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
 def _builtin() -> Path:
     from expertmesh.default_model import default_model_path
 
@@ -174,7 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rate", type=float, default=100.0)
-    parser.add_argument("--load-factor", type=float, default=None, help="the router's --load-factor (its default if unset)")
+    parser.add_argument("--pairs", type=int, default=3, help="direct/router run pairs per overhead cell")
+    parser.add_argument("--load-factor", type=float, default=None,
+                        help="the router's --load-factor (its default if unset)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     LOAD_FACTOR[:] = [] if args.load_factor is None else ["--load-factor", str(args.load_factor)]
@@ -184,8 +196,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         rows = [hit_rates(n, tmp) for n in tqdm(args.replicas, desc="replica counts")]
-        ttft = overhead(args.rate, tmp)
-    instant = isolated_overhead(args.rate)
+        ttft = overhead(args.rate, tmp, args.pairs)
+    instant = isolated_overhead(args.rate, args.pairs)
     print(f"prefix-repetition: {PREFIXES} prefixes x {PREFIX_LEN} tokens + {SUFFIX_LEN}, {PROMPTS} prompts, "
           f"{OUTPUT_LEN} out, 8 in flight")
     print("| replicas | policy | prefix-cache hit rate | vs single | TTFT p50 ms | output tok/s |")
@@ -196,16 +208,13 @@ def main() -> None:
             r = row[name]
             print(f"| {row['replicas'] if name != 'single' else 1} | {name} | {r['hit_rate']:.3f} | "
                   f"{r['hit_rate'] / single:.2f} | {r['ttft_p50_ms']:.1f} | {r['output_throughput']:.1f} |")
-    added = {}
     for name, t in (("engine", ttft), ("instant", instant)):
-        added[name] = (t["router"] + t["router_again"] - t["direct"] - t["direct_again"]) / 2
-        print(f"TTFT p50 at {args.rate:g} req/s, {name} backend: direct {t['direct']:.2f} / {t['direct_again']:.2f} "
-              f"ms, through the router {t['router']:.2f} / {t['router_again']:.2f} ms: the router adds "
-              f"{added[name]:.2f} ms")
-    print(f"the router's own CPU time: {instant['router_cpu_ms_per_request']:.2f} ms per request")
+        print(f"TTFT p50 at {args.rate:g} req/s, {name} backend: direct {_ms(t['direct'])} ms, through the router "
+              f"{_ms(t['router'])} ms: the router adds {t['added_ms']:.2f} ms (median against median); its own CPU "
+              f"{_ms(t['router_cpu_ms_per_request'])} ms per request")
     if args.out:
         Path(args.out).write_text(json.dumps({"config": vars(args), "hit_rates": rows, "ttft_ms": ttft,
-                                              "instant_ttft_ms": instant, "router_adds_ms": added}, indent=2) + "\n")
+                                              "instant_ttft_ms": instant}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
