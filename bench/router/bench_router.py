@@ -12,8 +12,9 @@
    servers per cell: no cell inherits a warm cache.
 2. Router overhead: short requests (max_tokens 1) at --rate requests/s to one replica (one
    torch thread, so a core is left for the router and the load generator), directly and through
-   the router, --pairs times each, alternating: the difference of the median p50 TTFTs is what
-   the router adds; and the same against instant_backend.py, which answers at once, so only the HTTP path is left.
+   the router, --pairs times each, alternating: the median of the pairs' p50 TTFT differences
+   is what the router adds; and the same against instant_backend.py, which answers at once, so
+   only the HTTP path is left.
 
 Everything (replicas, router, load generator) shares this machine's cores.
 """
@@ -115,15 +116,21 @@ def hit_rates(replicas: int, tmp: Path) -> dict:
 
 def _alternate(direct: str, router: subprocess.Popen, router_url: str, load: list[str], tmp: Path,
                pairs: int) -> dict:
-    """Direct, through the router, direct, ... `pairs` times: p50 TTFT of each run, and the
-    router's own CPU time per request (from /proc) over each of its runs."""
+    """A warm-up run each way, then `pairs` pairs of runs, direct and through the router, the
+    order flipping every pair so that drift cancels: p50 TTFT of each run, the router's own CPU
+    time per request (from /proc) over each of its runs, and the median of the pairs'
+    differences."""
+    for url in (direct, router_url):
+        _load(url, load, tmp / "warm-up.json")
     out: dict = {"direct": [], "router": [], "router_cpu_ms_per_request": []}
     for i in range(pairs):
-        out["direct"].append(_load(direct, load, tmp / f"direct-{i}.json")["median_ttft_ms"])
-        cpu = _cpu_seconds(router.pid)
-        out["router"].append(_load(router_url, load, tmp / f"router-{i}.json")["median_ttft_ms"])
-        out["router_cpu_ms_per_request"].append((_cpu_seconds(router.pid) - cpu) * 1e3 / REQUESTS)
-    out["added_ms"] = statistics.median(out["router"]) - statistics.median(out["direct"])
+        for name in (("direct", "router") if i % 2 == 0 else ("router", "direct")):
+            cpu = _cpu_seconds(router.pid)
+            out[name].append(_load(direct if name == "direct" else router_url, load,
+                                   tmp / f"{name}-{i}.json")["median_ttft_ms"])
+            if name == "router":
+                out["router_cpu_ms_per_request"].append((_cpu_seconds(router.pid) - cpu) * 1e3 / REQUESTS)
+    out["added_ms"] = statistics.median(r - d for r, d in zip(out["router"], out["direct"]))
     return out
 
 
@@ -184,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rate", type=float, default=100.0)
-    parser.add_argument("--pairs", type=int, default=3, help="direct/router run pairs per overhead cell")
+    parser.add_argument("--pairs", type=int, default=5, help="direct/router run pairs per overhead cell")
     parser.add_argument("--load-factor", type=float, default=None,
                         help="the router's --load-factor (its default if unset)")
     parser.add_argument("--out", default=None)
@@ -210,7 +217,7 @@ def main() -> None:
                   f"{r['hit_rate'] / single:.2f} | {r['ttft_p50_ms']:.1f} | {r['output_throughput']:.1f} |")
     for name, t in (("engine", ttft), ("instant", instant)):
         print(f"TTFT p50 at {args.rate:g} req/s, {name} backend: direct {_ms(t['direct'])} ms, through the router "
-              f"{_ms(t['router'])} ms: the router adds {t['added_ms']:.2f} ms (median against median); its own CPU "
+              f"{_ms(t['router'])} ms: the router adds {t['added_ms']:.2f} ms (median of the pairs); its own CPU "
               f"{_ms(t['router_cpu_ms_per_request'])} ms per request")
     if args.out:
         Path(args.out).write_text(json.dumps({"config": vars(args), "hit_rates": rows, "ttft_ms": ttft,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 _PAUSE_BYTES = 1 << 18  # stop reading a backend that is this far ahead of its client
+_READ_BYTES = 1 << 16  # one connection's receive buffer: asyncio's default allocates 256 KiB per read
 
 
 class UpstreamError(Exception):
@@ -36,7 +37,7 @@ class UpstreamTimeout(UpstreamError):
     """The backend said nothing for longer than the read timeout."""
 
 
-class Exchange(asyncio.Protocol):
+class Exchange(asyncio.BufferedProtocol):
     """One connection to a backend and the answer in flight on it."""
 
     def __init__(self, key: tuple[str, int]) -> None:
@@ -56,15 +57,19 @@ class Exchange(asyncio.Protocol):
         self._buffered = 0  # their total length
         self._paused = False  # reading is paused because the caller is behind
         self._waiter: asyncio.Future | None = None
+        self._read_buffer = memoryview(bytearray(_READ_BYTES))  # reads land here, reused
 
-    # asyncio.Protocol
+    # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's are not subclasses)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.got_bytes = True
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(self._read_buffer[:nbytes])
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the backend answered broken HTTP: {exc}"))
         self._wake()
