@@ -74,6 +74,27 @@ class Scheduler:
         blocks. Returns False for an unknown id."""
     def abort(self, request_id: int) -> bool:
         """``finish_request(request_id, "abort")``."""
+    def cached_prefix_blocks(self, token_ids: Sequence[int] | _IntArray) -> list[int]:
+        """Block ids of the longest cached prefix of ``token_ids`` (at most (len - 1) // block_size
+        blocks: one token is always computed). Raises CoreError for an empty list or a bad id."""
+    def pin_prefix(self, transfer_id: int, token_ids: Sequence[int] | _IntArray) -> list[int]:
+        """Pins ``cached_prefix_blocks(token_ids)`` under ``transfer_id`` until ``unpin``: no
+        allocation evicts them meanwhile. Raises CoreError if the id already holds pins."""
+    def import_prefix(
+        self, transfer_id: int, token_ids: Sequence[int] | _IntArray, have: int, count: int
+    ) -> tuple[int, list[int]]:
+        """Registers prompt blocks ``[have, have + count)`` in the prefix cache, pinned under
+        ``transfer_id`` until ``unpin``: returns (index of the first block registered, block ids)
+        whose KV the caller writes before unpinning. Registers none if the first ``have`` blocks
+        are no longer cached, starts later if more are, stops at the free blocks there are.
+        Raises CoreError if ``have + count`` passes the blocks a prefix hit can use."""
+    def unpin(self, transfer_id: int) -> bool:
+        """Releases a transfer's pins (the blocks stay cached); False if it holds none."""
+    def discard(self, transfer_id: int) -> bool:
+        """Releases a transfer's pins and drops its blocks from the prefix cache (imported
+        blocks whose KV could not be written); False if it holds none."""
+    @property
+    def num_pinned_transfers(self) -> int: ...
     def has_unfinished(self) -> bool: ...
     @property
     def num_waiting(self) -> int: ...

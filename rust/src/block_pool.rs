@@ -172,6 +172,15 @@ impl BlockPool {
         }
     }
 
+    /// Drops `block` from the prefix cache: its KV is not what its hash says.
+    pub fn uncache(&mut self, block: BlockId) {
+        let m = &mut self.meta[block as usize];
+        if let Some(h) = m.hash.take() {
+            self.cache.remove(&h);
+        }
+        m.parent = None;
+    }
+
     /// Frees a request's whole block table, tail first, so its prefix stays cached longest.
     pub fn free_table(&mut self, table: Vec<BlockId>) {
         for &b in table.iter().rev() {

@@ -169,6 +169,12 @@ pub enum CoreError {
         "the scheduler is unusable: an earlier call panicked (internal bug); create a new one"
     )]
     Poisoned,
+    /// A KV transfer id that already holds pinned blocks.
+    #[error("transfer_id {transfer_id} already holds pinned blocks (unpin it first)")]
+    DuplicateTransfer {
+        /// The id received.
+        transfer_id: u64,
+    },
 }
 
 /// Result alias used across the crate.

@@ -5,6 +5,8 @@
 //! - [`scheduler`]: continuous batching: admission ([`scheduler_config`] validates requests),
 //!   `update` after sampling, finish/abort; the step itself (token budget, decodes first,
 //!   chunked prefill, preemption) in `schedule_step`; the batch arrays in `scheduler_output`.
+//! - [`kv_transfer`]: prefix blocks pinned for and imported from another engine
+//!   (disaggregated prefill and decode).
 //! - [`request`]: per-request state, plain data.
 //! - [`routing`]: top-k expert choices -> expert-sorted order and per-rank send counts.
 //! - [`a2a`]: expert-parallel dispatch/combine plans; [`a2a_buffers`]: worst-case buffer
@@ -30,6 +32,7 @@ pub mod block_pool;
 pub mod cpu_pool;
 pub mod error;
 mod free_queue;
+pub mod kv_transfer;
 pub mod moe_exchange;
 pub mod paged_attention;
 pub mod request;

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::block_pool::{extend_block_hashes, BlockPool};
+use crate::block_pool::{extend_block_hashes, BlockId, BlockPool};
 use crate::error::{check_at_least, check_in_range, CoreError, CoreResult};
 use crate::request::{FinishReason, Request, RequestStatus, TokenId, MAX_TOKEN_ID};
 pub use crate::scheduler_config::{NewRequest, SchedulerConfig, SchedulerStats};
@@ -57,6 +57,8 @@ pub struct Scheduler {
     pub(crate) budget: usize,
     /// Scratch for prefix-cache hits.
     pub(crate) hit_scratch: Vec<u32>,
+    /// Blocks pinned per KV transfer id (kv_transfer.rs): owners besides the requests.
+    pub(crate) pins: HashMap<u64, Vec<BlockId>>,
 }
 
 impl Scheduler {
@@ -105,6 +107,7 @@ impl Scheduler {
             decisions: Vec::new(),
             budget: 0,
             hit_scratch: Vec::new(),
+            pins: HashMap::new(),
         })
     }
 
@@ -326,6 +329,9 @@ impl Scheduler {
             for &b in &req.blocks {
                 owners[b as usize] += 1;
             }
+        }
+        for &b in self.pins.values().flatten() {
+            owners[b as usize] += 1;
         }
         for (b, &n) in owners.iter().enumerate() {
             if self.pool.ref_count(b as u32) != n {

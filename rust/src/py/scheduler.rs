@@ -130,6 +130,53 @@ impl PyScheduler {
         self.guarded(py, false, move |s| Ok(s.abort(request_id)))
     }
 
+    fn cached_prefix_blocks(
+        &mut self,
+        py: Python<'_>,
+        token_ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<u32>> {
+        let tokens = extract_ints(token_ids, "token_ids")?;
+        self.guarded(py, false, move |s| s.cached_prefix_blocks(&tokens))
+    }
+
+    fn pin_prefix(
+        &mut self,
+        py: Python<'_>,
+        transfer_id: u64,
+        token_ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<u32>> {
+        let tokens = extract_ints(token_ids, "token_ids")?;
+        self.guarded(py, false, move |s| s.pin_prefix(transfer_id, &tokens))
+    }
+
+    fn import_prefix(
+        &mut self,
+        py: Python<'_>,
+        transfer_id: u64,
+        token_ids: &Bound<'_, PyAny>,
+        have: usize,
+        count: usize,
+    ) -> PyResult<(usize, Vec<u32>)> {
+        let tokens = extract_ints(token_ids, "token_ids")?;
+        let got = self.guarded(py, false, move |s| {
+            s.import_prefix(transfer_id, &tokens, have, count)
+        })?;
+        Ok((got.first, got.blocks))
+    }
+
+    fn unpin(&mut self, py: Python<'_>, transfer_id: u64) -> PyResult<bool> {
+        self.guarded(py, false, move |s| Ok(s.unpin(transfer_id)))
+    }
+
+    fn discard(&mut self, py: Python<'_>, transfer_id: u64) -> PyResult<bool> {
+        self.guarded(py, false, move |s| Ok(s.discard(transfer_id)))
+    }
+
+    #[getter]
+    fn num_pinned_transfers(&self) -> usize {
+        self.inner.num_pinned_transfers()
+    }
+
     fn has_unfinished(&self) -> bool {
         self.inner.has_unfinished()
     }
