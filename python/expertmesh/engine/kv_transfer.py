@@ -133,9 +133,10 @@ class KvExporter:
         return {"do_remote_prefill": True, "transfer_id": transfer_id, "remote_host": self.host,
                 "remote_port": self.port, "num_blocks": len(blocks), "layout": self.layout.as_dict()}
 
-    def release_finished(self) -> None:
-        """On the engine thread: unpin what was pulled and what waited past its timeout."""
-        later = []
+    def release_finished(self) -> int:
+        """On the engine thread: unpin what was pulled and what waited past its timeout; returns
+        how many transfers were released."""
+        released, later = 0, []
         while True:
             try:
                 transfer_id = self._released.get_nowait()
@@ -148,6 +149,7 @@ class KvExporter:
                 pinned = self._pins.pop(transfer_id, None)
             if pinned is not None:
                 self.scheduler.unpin(transfer_id)
+                released += 1
         for transfer_id in later:
             self._released.put(transfer_id)
         now = time.monotonic()
@@ -160,6 +162,7 @@ class KvExporter:
                            self.pin_timeout_s)
             self.scheduler.unpin(transfer_id)
             self.stats["expired"] += 1
+        return released + len(expired)
 
     @property
     def num_pinned(self) -> int:

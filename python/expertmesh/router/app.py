@@ -1,6 +1,7 @@
 """`expertmesh router`: one OpenAI-compatible front for several replicas.
 
-Routes: POST /v1/completions and /v1/chat/completions (routed by the policy, streamed through),
+Routes: POST /v1/completions and /v1/chat/completions (routed by the policy, streamed through;
+with prefill and decode tiers, through both: disagg.py),
 GET /v1/models (from a healthy backend), /health (200 while any backend is healthy) and
 /metrics (the router's own). The router parses the body only to find its prompt; validating it
 is each backend's job, so its answers, errors included, reach the client as they are.
@@ -18,6 +19,7 @@ import logging
 
 from aiohttp import web
 
+from expertmesh.router.disagg import forward_disaggregated
 from expertmesh.router.metrics import RouterMetrics
 from expertmesh.router.policies import Router
 from expertmesh.router.proxy import ProxySettings, error_body, forward
@@ -29,10 +31,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class RouterState:
     def __init__(self, router: Router, settings: ProxySettings, api_key: str | None = None,
-                 protect_metrics: bool = False) -> None:
+                 protect_metrics: bool = False, disagg: tuple[Router, Router] | None = None) -> None:
+        """disagg: (prefill, decode) routers over the pool's two tiers (disagg.py), if any."""
         self.router, self.pool, self.settings = router, router.pool, settings
         self.metrics = RouterMetrics(self.pool)
         self.api_key, self.protect_metrics = api_key, protect_metrics
+        self.disagg = disagg
 
 
 STATE = web.AppKey("router", RouterState)
@@ -66,6 +70,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         raise ErrorResponse(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ErrorResponse(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if state.disagg is not None:
+        prefill, decode = state.disagg
+        return await forward_disaggregated(request, state.pool, state.metrics, state.settings, prefill, decode,
+                                           request.path, body)
     order = state.router.order(request.path, body)
     if not order:
         state.metrics.outcome("none", "failed")

@@ -27,6 +27,7 @@ _QUEUE_GAUGE = re.compile(r"^(?:expertmesh|vllm|sglang):num_requests_(?:waiting|
 class Backend:
     url: str  # base URL, no trailing slash
     api_key: str | None = None  # the key this router sends to it
+    role: str = "both"  # disaggregated serving: "prefill" or "decode" (router --prefill / --decode)
     healthy: bool = True  # until a check says otherwise
     in_flight: int = 0  # requests this router has open on it
     queued: int = 0  # running + waiting, as its own /metrics last said (0 if it publishes none)

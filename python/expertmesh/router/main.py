@@ -1,12 +1,14 @@
 """`expertmesh router` arguments, the config file, and running it until SIGTERM.
 
-Backends come from `--backend URL` (repeatable; `--backend-api-key` is the key sent to those)
-and/or a config file (`--config FILE`, TOML or JSON) that lists them with their own keys:
+Backends come from `--backend URL` (repeatable; `--backend-api-key` is the key sent to those),
+or for disaggregated serving `--prefill URL` and `--decode URL` (disagg.py), and/or a config
+file (`--config FILE`, TOML or JSON) that lists them with their own keys:
 
     policy = "prefix-hash"          # any command-line option, with _ for -
     [[backends]]
     url = "http://10.0.0.1:8000"
     api_key = "key-of-replica-1"
+    role = "prefill"                # disaggregated serving only: prefill or decode (else --backend)
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from expertmesh.router.proxy import ProxySettings
 def add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", default=[], metavar="URL",
                         help="an OpenAI-compatible server (repeat for each replica)")
+    parser.add_argument("--prefill", action="append", default=[], metavar="URL",
+                        help="a server run with --role prefill (disaggregated serving; give --decode too)")
+    parser.add_argument("--decode", action="append", default=[], metavar="URL",
+                        help="a server run with --role decode")
     parser.add_argument("--backend-api-key", default=None, help="the key sent to the --backend servers")
     parser.add_argument("--config", default=None, help="TOML or JSON file: backends with their keys, options")
     parser.add_argument("--host", default="127.0.0.1")
@@ -54,18 +60,26 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> list[Backend]:
-    backends = [Backend(url.rstrip("/"), args.backend_api_key) for url in args.backend]
+    backends = [Backend(url.rstrip("/"), args.backend_api_key, role=role) for role, urls in
+                (("both", args.backend), ("prefill", args.prefill), ("decode", args.decode)) for url in urls]
     if args.config:
         path = Path(args.config)
         data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
         for entry in data.pop("backends", []):
-            backends.append(Backend(str(entry["url"]).rstrip("/"), entry.get("api_key")))
+            backends.append(Backend(str(entry["url"]).rstrip("/"), entry.get("api_key"),
+                                    role=entry.get("role", "both")))
         for key, value in data.items():
             if not hasattr(args, key):
                 raise SystemExit(f"expertmesh router: unknown option {key!r} in {path}")
             setattr(args, key, value)
     if not backends:
         raise SystemExit("expertmesh router: give at least one --backend URL (or a --config file listing them)")
+    roles = {b.role for b in backends}
+    if roles - {"both", "prefill", "decode"}:
+        raise SystemExit(f"expertmesh router: a backend's role must be both, prefill or decode, got {sorted(roles)}")
+    if roles & {"prefill", "decode"} and roles != {"prefill", "decode"}:
+        raise SystemExit("expertmesh router: disaggregated serving needs --prefill and --decode servers and no "
+                         f"--backend ones; got roles {sorted(roles)}")
     return backends
 
 
@@ -79,10 +93,17 @@ def build_state(args: argparse.Namespace) -> RouterState:
         args.tokenizer = str(default_model_path())
     tokenizer = CheckpointTokenizer.from_dir(Path(args.tokenizer))
     pool = BackendPool(backends, interval_s=args.health_interval)
-    router = Router(args.policy, pool, PrefixKeyer(tokenizer, args.block_size, args.prefix_blocks),
-                    args.load_factor, args.vnodes, args.balance_abs_threshold)
+    keyer = PrefixKeyer(tokenizer, args.block_size, args.prefix_blocks)
+
+    def router(members: set[str] | None = None) -> Router:
+        return Router(args.policy, pool, keyer, args.load_factor, args.vnodes, args.balance_abs_threshold, members)
+
+    disagg = None
+    if any(b.role == "prefill" for b in backends):  # one policy per tier: each keeps its own prefix caches warm
+        disagg = (router({b.url for b in backends if b.role == "prefill"}),
+                  router({b.url for b in backends if b.role == "decode"}))
     settings = ProxySettings(read_timeout_s=args.read_timeout, max_attempts=args.max_attempts)
-    return RouterState(router, settings, args.api_key, args.protect_metrics)
+    return RouterState(router(), settings, args.api_key, args.protect_metrics, disagg)
 
 
 async def _run(args: argparse.Namespace) -> int:

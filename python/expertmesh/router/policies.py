@@ -62,21 +62,23 @@ class PrefixKeyer:
 
 class Router:
     def __init__(self, policy: str, pool: BackendPool, keyer: PrefixKeyer, load_factor: float = 1.25,
-                 vnodes: int = 160, min_bound: int = 8) -> None:
+                 vnodes: int = 160, min_bound: int = 8, members: set[str] | None = None) -> None:
+        """members: the backends of the pool this router picks from (default: all of them)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy, self.pool, self.keyer, self.load_factor, self.min_bound = policy, pool, keyer, load_factor, min_bound
-        self.ring = HashRing(sorted(pool.backends), vnodes)
+        self.members = set(pool.backends) if members is None else members
+        self.ring = HashRing(sorted(self.members), vnodes)
         self._turn = itertools.count()
 
     def order(self, path: str, body: dict[str, Any]) -> list[str]:
         """Healthy backends in the order to try them (the first is where the request goes)."""
-        healthy = self.pool.healthy()
+        healthy = self.pool.healthy() & self.members
         if not healthy:
             return []
         backends = self.pool.backends
         if self.policy == "prefix-hash":  # this router's own, exact counts: the bound reacts at once
-            loads = {url: b.in_flight for url, b in backends.items()}
+            loads = {url: backends[url].in_flight for url in self.members}
             return self.ring.pick(self.keyer.key(path, body), loads, self.load_factor, allowed=healthy,
                                   min_bound=self.min_bound)
         ordered = sorted(healthy)

@@ -63,6 +63,11 @@ class ServerState:
         info = self.engine.info
         self.limits = RequestLimits(int(info["vocab_size"]), int(info["max_model_len"]), self.max_seqs_per_request)
 
+    @property
+    def role(self) -> str:
+        """Its part in disaggregated serving, as the engine reported it: both, prefill or decode."""
+        return self.engine.info.get("kv_transfer", {}).get("role", "both")
+
     def count_ended(self, error_codes: set[str | None]) -> None:
         """A request's engine parts ended with these error codes (None: no error)."""
         self.cut_off_requests += "shutting_down" in error_codes
@@ -142,11 +147,27 @@ async def _generate(request: web.Request, req, prompts: list[list[int]], logprob
                                                 f"prompt[{p}]")
         wires.append(_wire(req.sampling_params(max_tokens, logprobs)))
     state.admission.check_admissible([len(ids) for ids in prompts], req.n)
+    if req.kv_transfer_params is not None:
+        _check_kv_transfer(state, req, len(prompts))
     state.in_flight += 1
     try:
         return await completions.run(request, state, req, prompts, wires, logprobs, chat)
     finally:
         state.in_flight -= 1
+
+
+def _check_kv_transfer(state: ServerState, req, num_prompts: int) -> None:
+    prefill = bool(req.kv_transfer_params.get("do_remote_decode"))
+    flag, role = ("do_remote_decode", "prefill") if prefill else ("do_remote_prefill", "decode")
+    if state.role != role:
+        raise ErrorResponse(400, f"kv_transfer_params.{flag} needs a server started with --role {role}; this one "
+                                 f"runs --role {state.role}", param="kv_transfer_params", code="invalid_value")
+    if num_prompts != 1:
+        raise ErrorResponse(400, f"kv_transfer_params takes one prompt, got a batch of {num_prompts}",
+                            param="prompt", code="invalid_value")
+    if prefill and req.stream:
+        raise ErrorResponse(400, "kv_transfer_params.do_remote_decode needs stream false: the answer carries the "
+                                 "params the decode server pulls with", param="stream", code="invalid_value")
 
 
 async def completions_route(request: web.Request) -> web.StreamResponse:

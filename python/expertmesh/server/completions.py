@@ -74,7 +74,7 @@ async def run(request: web.Request, state, req, prompts: list[list[int]], wires:
         async with contextlib.AsyncExitStack() as stack:
             for ids, wire in zip(prompts, wires):
                 gens.append(await stack.enter_async_context(Generation(state.engine, state.admission, state.metrics,
-                                                                       ids, wire)))
+                                                                       ids, wire, req.kv_transfer_params)))
             if req.stream:
                 return await _stream(request, state, req, gens, kind, obj + (".chunk" if chat else ""), rid, created,
                                      k, chat)
@@ -96,7 +96,10 @@ async def run(request: web.Request, state, req, prompts: list[list[int]], wires:
                 choices = [CompletionChoice(i, texts[i], reasons[i],
                                             _completion_logprobs(lps[i], k, 0) if logprobs is not None else None)
                            for i in range(total)]
-            return web.json_response(kind(rid, created, state.model_name, choices, usage, obj).to_dict())
+            body = kind(rid, created, state.model_name, choices, usage, obj).to_dict()
+            if gens[0].kv_transfer_params is not None:  # a prefill server's answer: where the decode side pulls from
+                body["kv_transfer_params"] = gens[0].kv_transfer_params
+            return web.json_response(body)
     finally:
         state.count_ended({g.error_code for g in gens})
 

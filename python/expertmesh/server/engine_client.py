@@ -63,12 +63,14 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    async def start(self, engine_config: dict[str, Any], timeout: float = 300.0) -> None:
-        """Spawn the engine on one end of a socketpair and wait for its "ready" frame."""
+    async def start(self, engine_config: dict[str, Any], timeout: float = 300.0,
+                    kv_transfer: dict[str, Any] | None = None) -> None:
+        """Spawn the engine on one end of a socketpair and wait for its "ready" frame.
+        kv_transfer: its role in disaggregated serving (engine_kv.py), if any."""
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "expertmesh.server.engine_process", "--fd", str(theirs.fileno()),
-             "--config", json.dumps(engine_config)],
+             "--config", json.dumps(engine_config), "--kv-transfer", json.dumps(kv_transfer or {})],
             pass_fds=[theirs.fileno()],
         )
         theirs.close()  # only the child holds it now, so its death closes the link
@@ -168,12 +170,16 @@ class EngineClient:
             self._die(f"engine link broke: {type(exc).__name__}: {exc}")
             raise EngineDeadError(self.dead_reason) from None
 
-    async def add(self, request_id: str, prompt_ids: list[int], params: dict[str, Any], priority: int = 0) -> asyncio.Queue:
+    async def add(self, request_id: str, prompt_ids: list[int], params: dict[str, Any], priority: int = 0,
+                  kv: dict[str, Any] | None = None) -> asyncio.Queue:
         """Queue a request; its output items (or an exception) arrive on the returned queue.
-        A request the link cannot encode raises ValueError before anything is registered."""
+        A request the link cannot encode raises ValueError before anything is registered.
+        kv: its kv_transfer_params (disaggregated serving)."""
+        message = {"type": "add", "id": request_id, "prompt_ids": prompt_ids, "params": params, "priority": priority}
+        if kv is not None:
+            message["kv"] = kv
         try:
-            frame = encode({"type": "add", "id": request_id, "prompt_ids": prompt_ids, "params": params,
-                            "priority": priority})
+            frame = encode(message)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"the request cannot be sent to the engine: {type(exc).__name__}: {exc}") from None
         q: asyncio.Queue = asyncio.Queue()

@@ -5,14 +5,17 @@ whatever is queued (adds, aborts), runs one step when there is work, and sends t
 deltas back. When idle it blocks on the queue, so it costs nothing.
 
 Frames, frontend -> engine:
-  {"type": "add", "id", "prompt_ids", "params": SamplingParams fields, "priority"}
+  {"type": "add", "id", "prompt_ids", "params": SamplingParams fields, "priority", "kv"?}
+      kv: the request's kv_transfer_params, on a prefill or decode engine (engine_kv.py)
   {"type": "abort", "id"}         the client went away (or the drain timed out)
   {"type": "shutdown"}
 Frames, engine -> frontend:
-  {"type": "ready", "model", "max_model_len", "vocab_size", "num_kv_blocks", "pid"}
+  {"type": "ready", "model", "max_model_len", "vocab_size", "num_kv_blocks", "pid", "kv_transfer"}
+      kv_transfer: {"role": "both" | "prefill" | "decode", "host"?, "port"?}
   {"type": "outputs", "outputs": [{"id", "finished", "queue_time"?, "seqs": [
       {"index", "text", "token_ids", "logprobs"?, "finish_reason", "stop_reason"}]}]}
-      text / token_ids / logprobs hold only what is new since the previous frame.
+      text / token_ids / logprobs hold only what is new since the previous frame; a prefill
+      engine's last item of a do_remote_decode request also has "kv_transfer_params".
   {"type": "error", "id", "error": {"message", "param", "status"}}
       the request ended without outputs: its add was refused (status 400) or failed (500), or
       its outputs could not be encoded (500); the engine holds nothing of it
@@ -56,10 +59,11 @@ def _logprob_entries(entries: list[dict]) -> list[list[list[Any]]]:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, sock: socket.socket) -> None:
+    def __init__(self, engine: Any, sock: socket.socket, kv_transfer: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.sock = sock
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.kv = _kv_side(engine, kv_transfer or {}, self.inbox)  # None unless --role prefill|decode
         self.live: set[str] = set()  # requests added and not yet finished or aborted
         self.arrival: dict[str, float] = {}  # request id -> when it arrived, until its first output
         self.last_stats = 0.0
@@ -86,17 +90,36 @@ class EngineLoop:
         request_id = message.get("id")
         try:
             params = SamplingParams(**message["params"])
-            self.engine.add_request(message["prompt_ids"], params, request_id, message.get("priority", 0),
-                                    output_kind=RequestOutputKind.DELTA)
+            self.arrival[request_id] = time.monotonic()
+            if self.kv is not None:  # refuse a bad request before any KV moves for it
+                req = self.engine.check_request(message["prompt_ids"], params, message.get("priority", 0))
+                if self.kv.defer(message, req):
+                    return  # added once its KV has arrived (kv_ready)
+            self._admit(request_id, message["prompt_ids"], params, message.get("priority", 0))
         except (InvalidRequestError, CoreError) as exc:
+            self.arrival.pop(request_id, None)
             self._error(request_id, str(exc), getattr(exc, "param", None), 400)
             return
         except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
             logger.exception("adding request %s failed", request_id)
+            self.arrival.pop(request_id, None)
             self._error(request_id, f"the engine could not take the request: {type(exc).__name__}: {exc}", None, 500)
-            return
+
+    def _admit(self, request_id: str, prompt_ids: list[int], params: Any, priority: int) -> None:
+        self.engine.add_request(prompt_ids, params, request_id, priority, output_kind=RequestOutputKind.DELTA)
         self.live.add(request_id)
-        self.arrival[request_id] = time.monotonic()
+
+    def _kv_ready(self, frame: dict[str, Any]) -> None:
+        assert self.kv is not None
+        req = self.kv.ready(frame)
+        if req is None:
+            return  # aborted while its KV travelled
+        try:
+            self._admit(frame["id"], list(req.prompt_ids), req.params, req.priority)
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
+            logger.exception("adding request %s failed", frame["id"])
+            self.arrival.pop(frame["id"], None)
+            self._error(frame["id"], f"the engine could not take the request: {type(exc).__name__}: {exc}", None, 500)
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """Apply one frame; False means shut down."""
@@ -107,6 +130,10 @@ class EngineLoop:
             self.engine.abort_request(message["id"])
             self.live.discard(message["id"])
             self.arrival.pop(message["id"], None)
+            if self.kv is not None:
+                self.kv.forget(message["id"])
+        elif kind == "kv_ready":
+            self._kv_ready(message)
         elif kind == "shutdown":
             return False
         self.dirty = True
@@ -153,6 +180,8 @@ class EngineLoop:
                 item["seqs"].append(entry)
             if out.finished:
                 self.live.discard(out.request_id)
+                if self.kv is not None:
+                    self.kv.finished(item)  # before the next step can evict what it pins
             frames.append(item)
         return {"type": "outputs", "outputs": frames}
 
@@ -162,7 +191,7 @@ class EngineLoop:
             busy = self.engine.has_unfinished_requests()
             try:
                 # Idle: block until the frontend sends something. Busy: only take what is queued.
-                message = self.inbox.get(block=not busy, timeout=None)
+                message = self.inbox.get(block=not busy, timeout=None if self.kv is None else self.kv.idle_timeout())
                 if not self._handle(message):
                     return
                 while True:
@@ -170,6 +199,8 @@ class EngineLoop:
                         return
             except queue.Empty:
                 pass
+            if self.kv is not None and self.kv.poll():
+                self.dirty = True  # pins went: the next stats frame says so
             if self.engine.has_unfinished_requests():
                 step_start = time.monotonic()
                 outputs = self.engine.step()
@@ -179,14 +210,30 @@ class EngineLoop:
             now = time.monotonic()
             idle = not self.engine.has_unfinished_requests()
             if self.dirty and (idle or now - self.last_stats >= STATS_INTERVAL_S):
-                self.send({"type": "stats", **self.engine.stats()})
+                stats = self.engine.stats()
+                if self.kv is not None:
+                    stats["kv_transfer"] = self.kv.stats()
+                self.send({"type": "stats", **stats})
                 self.last_stats, self.dirty = now, False
+
+
+def _kv_side(engine: Any, kv_transfer: dict[str, Any], inbox: queue.Queue) -> Any:
+    from expertmesh.server.engine_kv import DecodeSide, PrefillSide
+
+    role = kv_transfer.get("role", "both")
+    if role == "prefill":
+        return PrefillSide(engine, lambda: inbox.put({"type": "kv_wake"}), kv_transfer.get("host", "127.0.0.1"),
+                           int(kv_transfer.get("port", 0)), float(kv_transfer.get("pin_timeout_s", 60.0)))
+    if role == "decode":
+        return DecodeSide(engine, inbox.put)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="expertmesh engine process (started by `expertmesh serve`)")
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the frontend")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
+    parser.add_argument("--kv-transfer", default="{}", help="disaggregated serving: role, host, port, pin_timeout_s")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     try:
@@ -196,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = EngineConfig(**json.loads(args.config))
         engine = make_engine(config)  # with a parallel layout this process is rank 0 and starts the others
+        loop = EngineLoop(engine, sock, json.loads(args.kv_transfer))
     except Exception as exc:  # noqa: BLE001 - reported to the frontend, which exits with it
         sock.sendall(encode({"type": "fatal", "message": f"engine failed to start: {exc}"}))
         return 1
@@ -208,14 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                 "vocab_size": engine.runner.vocab_size,
                 "num_kv_blocks": engine.runner.num_kv_blocks,
                 "pid": os.getpid(),
+                "kv_transfer": {"role": "both"} if loop.kv is None else loop.kv.info(),
             }
         )
     )
-    loop = EngineLoop(engine, sock)
     try:
         try:
             loop.run()
         finally:
+            if loop.kv is not None:
+                loop.kv.close()
             engine.close()  # stops the other ranks, if any
     except (LinkClosed, BrokenPipeError, ConnectionResetError):
         return 0

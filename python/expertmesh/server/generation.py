@@ -80,9 +80,10 @@ class Admission:
 
 class Generation:
     def __init__(self, engine: EngineClient, admission: Admission, metrics: ServerMetrics,
-                 prompt_ids: list[int], params: dict[str, Any]) -> None:
+                 prompt_ids: list[int], params: dict[str, Any], kv: dict[str, Any] | None = None) -> None:
         self.engine, self.admission, self.metrics = engine, admission, metrics
-        self.prompt_ids, self.params = prompt_ids, params
+        self.prompt_ids, self.params, self.kv = prompt_ids, params, kv
+        self.kv_transfer_params: dict[str, Any] | None = None  # what a prefill engine says to pull its KV with
         self.request_id = uuid.uuid4().hex
         self.arrival = time.monotonic()
         self.completion_tokens = 0
@@ -98,7 +99,7 @@ class Generation:
         self.admission.admit(self._seqs, self._cost)
         self._waiting = True
         try:
-            self._queue = await self.engine.add(self.request_id, self.prompt_ids, self.params)
+            self._queue = await self.engine.add(self.request_id, self.prompt_ids, self.params, kv=self.kv)
         except EngineDeadError as exc:
             self._leave_waiting()
             raise ErrorResponse(503, f"engine is not running: {exc}", code="engine_dead") from None
@@ -150,6 +151,7 @@ class Generation:
         self.completion_tokens += new
         if item["finished"]:
             self._finished = True
+            self.kv_transfer_params = item.get("kv_transfer_params")
             reasons = [s["finish_reason"] for s in item["seqs"] if s["finish_reason"]]
             self.metrics.finished(len(self.prompt_ids), now - self.arrival, reasons[0] if reasons else "stop")
         return item

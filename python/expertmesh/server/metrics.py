@@ -67,6 +67,7 @@ class _EngineCollector:
                 for algorithm, n in allreduce[what].items():
                     family.add_metric([self._model, allreduce["transport"], algorithm], n)
                 yield family
+        yield from _kv_transfer_metrics(s.get("kv_transfer"), gauge, counter)
         experts = CounterMetricFamily("expertmesh:expert_tokens", "Tokens routed to each expert (MoE load).",
                                       labels=["model_name", "layer", "expert"])
         for layer, counts in enumerate(s.get("expert_tokens", [])):
@@ -138,3 +139,29 @@ class ServerMetrics:
         self.prompt_tokens.labels(self.model).inc(prompt_tokens)
         self.e2e.labels(self.model).observe(seconds)
         self.request_success.labels(self.model, reason).inc()
+
+
+_KV_COUNTERS = {  # engine_kv.py stats -> (metric, doc)
+    "exports": ("kv_transfer_exports", "Prefill: finished prompts whose KV blocks were pinned for a decode server."),
+    "pulls": ("kv_transfer_pulls", "Prefill: pulls served to decode servers."),
+    "pull_failures": ("kv_transfer_pull_failures", "Prefill: pulls that failed midway."),
+    "expired": ("kv_transfer_expired", "Prefill: pinned KV let go because nobody pulled it in time."),
+    "imports": ("kv_transfer_imports", "Decode: pulled KV installed into the prefix cache."),
+    "failures": ("kv_transfer_failures", "Decode: pulls that failed (the request computed its prompt itself)."),
+    "bytes": ("kv_transfer_bytes", "KV bytes moved (served on a prefill server, received on a decode server)."),
+    "blocks": ("kv_transfer_blocks", "KV blocks moved."),
+    "blocks_already_cached": ("kv_transfer_blocks_skipped", "Decode: prompt blocks already cached, not pulled."),
+    "seconds": ("kv_transfer_seconds", "Decode: time spent pulling KV."),
+}
+
+
+def _kv_transfer_metrics(kv, gauge, counter):
+    if not kv:
+        return
+    if "pinned" in kv:
+        yield gauge("kv_transfer_pinned", "Prefill: finished prompts whose KV waits for its pull.", kv["pinned"])
+    if "waiting" in kv:
+        yield gauge("kv_transfer_waiting", "Decode: requests waiting for their KV.", kv["waiting"])
+    for key, (name, doc) in _KV_COUNTERS.items():
+        if key in kv:
+            yield counter(name, doc, kv[key])

@@ -30,6 +30,7 @@ class _Request:
     stream: bool = False
     include_usage: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # vLLM's sampling extensions (top_k, ...)
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated serving (request_fields.KvTransferParamsField)
 
     @staticmethod
     def _read(body: dict[str, Any], fields: tuple[rf.Field, ...], path: str,
@@ -44,7 +45,8 @@ class _Request:
         return dict(model=values["model"], max_tokens=values["max_tokens"], temperature=values["temperature"],
                     top_p=values["top_p"], n=values["n"], stop=values["stop"], seed=values["seed"],
                     stream=values["stream"], include_usage=bool(options.get("include_usage")),
-                    extra={f.name: values[f.name] for f in rf.EXTRA_SAMPLING if body.get(f.name) is not None})
+                    extra={f.name: values[f.name] for f in rf.EXTRA_SAMPLING if body.get(f.name) is not None},
+                    kv_transfer_params=values["kv_transfer_params"])
 
     def _body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "temperature": self.temperature,
@@ -55,6 +57,8 @@ class _Request:
             body["seed"] = self.seed
         if self.stream and self.include_usage:
             body["stream_options"] = {"include_usage": True}
+        if self.kv_transfer_params is not None:
+            body["kv_transfer_params"] = self.kv_transfer_params
         return {**body, **self.extra}
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:

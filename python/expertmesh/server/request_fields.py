@@ -135,6 +135,58 @@ class StreamOptionsField(Field):
                 "additionalProperties": {"type": "null"}}
 
 
+_KV_INTS = {"transfer_id": (0, (1 << 63) - 1), "remote_port": (1, 65535), "num_blocks": (0, 1 << 31)}
+_KV_LAYOUT_INTS = ("num_layers", "block_size", "num_kv_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class KvTransferParamsField(Field):
+    """`kv_transfer_params` (vLLM's name), for disaggregated serving: {"do_remote_decode": true}
+    asks a prefill server to keep the prompt's KV for a decode server, and its answer carries the
+    params to pull it with; a decode server gets those params back ({"do_remote_prefill": true,
+    "transfer_id", "remote_host", "remote_port", "num_blocks", "layout"}). Which one a server
+    accepts depends on its --role (checked by the route)."""
+
+    def check(self, value, limits=None, *, param=None, from_json=False):
+        name = self.name
+        if not isinstance(value, dict):
+            raise self.fail(name, f"{name} must be an object, got {type(value).__name__} {short(value)}", value)
+        decode, prefill = value.get("do_remote_decode") is True, value.get("do_remote_prefill") is True
+        if decode == prefill:
+            raise self.fail(name, f"{name} needs exactly one of do_remote_decode or do_remote_prefill set to true, "
+                                  f"got {short(value)}", value)
+        if decode:
+            extra = sorted(set(value) - {"do_remote_decode"})
+            if extra:
+                raise self.fail(f"{name}.{extra[0]}", f"{name}.{extra[0]} is not supported with do_remote_decode",
+                                value[extra[0]])
+            return {"do_remote_decode": True}
+        out: dict[str, Any] = {"do_remote_prefill": True}
+        for key, (lo, hi) in _KV_INTS.items():
+            out[key] = IntField(key, "", lo=lo, hi=hi).check(value.get(key), param=f"{name}.{key}", from_json=True)
+        out["remote_host"] = StrField("remote_host", "").check(value.get("remote_host"), param=f"{name}.remote_host")
+        layout = value.get("layout")
+        if not isinstance(layout, dict):
+            raise self.fail(f"{name}.layout", f"{name}.layout must be an object, got {short(layout)}", layout)
+        out["layout"] = {k: IntField(k, "", lo=1, hi=1 << 20).check(layout.get(k), param=f"{name}.layout.{k}",
+                                                                    from_json=True) for k in _KV_LAYOUT_INTS}
+        out["layout"]["dtype"] = StrField("dtype", "").check(layout.get("dtype"), param=f"{name}.layout.dtype")
+        return out
+
+    def value_schema(self, limits):
+        ints = {k: {"type": "integer", "minimum": lo, "maximum": hi} for k, (lo, hi) in _KV_INTS.items()}
+        layout = {"type": "object", "required": [*_KV_LAYOUT_INTS, "dtype"],
+                  "properties": {**{k: {"type": "integer", "minimum": 1, "maximum": 1 << 20} for k in _KV_LAYOUT_INTS},
+                                 "dtype": {"type": "string"}}}
+        remote_decode = {"type": "object", "required": ["do_remote_decode"], "additionalProperties": False,
+                         "properties": {"do_remote_decode": {"const": True}}}
+        remote_prefill = {"type": "object", "required": ["do_remote_prefill", *_KV_INTS, "remote_host", "layout"],
+                          "properties": {"do_remote_prefill": {"const": True}, **ints,
+                                         "remote_host": {"type": "string"}, "layout": layout},
+                          "not": {"required": ["do_remote_decode"], "properties": {"do_remote_decode": {"const": True}}}}
+        return {"oneOf": [remote_decode, remote_prefill]}
+
+
 @dataclass(frozen=True)
 class BestOfField(IntField):
     """`best_of` is not implemented: only best_of == n (what clients send when it is off)."""
@@ -161,8 +213,10 @@ MAX_COMPLETION_TOKENS = replace(CHAT_MAX_TOKENS, name="max_completion_tokens", d
 # vLLM's sampling extensions, accepted with the same names and meaning.
 EXTRA_SAMPLING = tuple(SAMPLING[k] for k in ("top_k", "min_p", "ignore_eos", "stop_token_ids",
                                              "include_stop_str_in_output", "skip_special_tokens"))
+KV_TRANSFER_PARAMS = KvTransferParamsField("kv_transfer_params", "disaggregated serving: what the prefill and "
+                                                                   "decode servers hand each other")
 COMMON = (MODEL, MAX_TOKENS, SAMPLING["temperature"], SAMPLING["top_p"], N, SAMPLING["stop"], SAMPLING["seed"],
-          STREAM, STREAM_OPTIONS, USER, *EXTRA_SAMPLING)
+          STREAM, STREAM_OPTIONS, USER, *EXTRA_SAMPLING, KV_TRANSFER_PARAMS)
 PROMPT = PromptField("prompt", "a string, a list of token ids, or a batch of several of one of those", required=True)
 COMPLETION_LOGPROBS = replace(SAMPLING["logprobs"], hi=MAX_COMPLETION_LOGPROBS)
 MESSAGES = MessagesField("messages", "the conversation, rendered with the model's chat template", required=True)

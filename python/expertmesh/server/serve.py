@@ -31,6 +31,7 @@ from expertmesh.config import EngineConfig
 from expertmesh.limits import DEFAULT_MAX_SEQS_PER_REQUEST
 from expertmesh.server.app import ServerState, build_app
 from expertmesh.server.engine_client import DEFAULT_ENGINE_TIMEOUT_S, EngineClient
+from expertmesh.server.engine_kv import ROLES
 from expertmesh.server.generation import AdmissionLimits
 from expertmesh.tokenizer import CheckpointTokenizer
 
@@ -55,6 +56,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="prompts x n one request may ask for; more is a 400")
     g.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    d = parser.add_argument_group("disaggregated serving (a router with --prefill and --decode in front)")
+    d.add_argument("--role", choices=ROLES, default="both",
+                   help="prefill: compute prompts and keep their KV for decode servers to pull; decode: pull a "
+                        "prompt's KV from the prefill server that computed it, then generate; both: neither")
+    d.add_argument("--disaggregation-mode", dest="role", choices=ROLES, default=argparse.SUPPRESS,
+                   type=lambda v: "both" if v == "null" else v, help="SGLang's spelling of --role (null: both)")
+    d.add_argument("--kv-transfer-host", default="127.0.0.1",
+                   help="--role prefill: the address decode servers pull KV blocks from")
+    d.add_argument("--kv-transfer-port", type=int, default=0, help="--role prefill: its port (0: any free one)")
+    d.add_argument("--kv-pin-timeout", type=float, default=60.0,
+                   help="--role prefill: seconds a finished prompt's KV waits for its pull before it is let go")
     g.add_argument("--engine-timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S,
                    help="seconds a busy engine may stay silent (it reports after every step) before it is "
                         "declared dead")
@@ -70,7 +82,9 @@ async def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine = EngineClient(engine_timeout_s=args.engine_timeout)
     engine_config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     engine_config["show_progress"] = False
-    await engine.start(engine_config)
+    kv_transfer = {"role": args.role, "host": args.kv_transfer_host, "port": args.kv_transfer_port,
+                   "pin_timeout_s": args.kv_pin_timeout}
+    await engine.start(engine_config, kv_transfer=kv_transfer)
     from expertmesh import default_model
 
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else default_model.NAME)
@@ -119,6 +133,10 @@ async def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
 
 def serve_main(args: argparse.Namespace, engine_kwargs: dict) -> int:
     config = EngineConfig(model=args.model, **engine_kwargs)  # validates; makes the built-in model if needed
+    if args.role != "both" and config.parallel.world_size > 1:
+        print(f"expertmesh: error: --role {args.role} runs on one rank for now; got tensor_parallel_size="
+              f"{config.tensor_parallel_size} x data_parallel_size={config.data_parallel_size}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_serve(args, config))
     except RuntimeError as exc:
