@@ -56,9 +56,11 @@ def _cache_counters(servers) -> tuple[float, float]:
 LOAD_FACTOR = ["--load-factor", "1.25"]  # replaced from the command line
 
 
-def _router(backends: list[str], policy: str, log: Path) -> tuple[subprocess.Popen, str]:
+def _router(backends: list[str], policy: str, log: Path, extra: tuple[str, ...] | list[str] = ()
+            ) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [sys.executable, "-m", "expertmesh.cli", "router", "--port", str(port), "--policy", policy, *LOAD_FACTOR]
+    args = [sys.executable, "-m", "expertmesh.cli", "router", "--port", str(port), "--policy", policy, *LOAD_FACTOR,
+            *extra]
     for url in backends:
         args += ["--backend", url]
     proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT)
