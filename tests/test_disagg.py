@@ -12,7 +12,9 @@ afterwards neither tier holds a block or a pin.
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import openai
 import pytest
@@ -28,7 +30,8 @@ PREFIX = "The experts of a mixture route every token to a few of their number, "
 def tiers(tmp_path_factory):
     root = tmp_path_factory.mktemp("disagg")
     prefill = ServerProcess(["--role", "prefill", "--kv-cache-blocks", "256"], root / "prefill.log")
-    decode = ServerProcess(["--disaggregation-mode", "decode", "--kv-cache-blocks", "256"], root / "decode.log")
+    decode = ServerProcess(["--disaggregation-mode", "decode", "--kv-cache-blocks", "256", "--kv-transfer-timeout",
+                            "3"], root / "decode.log")
     colocated = ServerProcess(["--kv-cache-blocks", "256"], root / "colocated.log")
     router = RouterProcess(["--prefill", prefill.url, "--decode", decode.url, "--health-interval", "0.5"],
                            root / "router.log")
@@ -125,3 +128,30 @@ def test_a_failed_pull_computes_the_prompt_and_wrong_uses_get_clear_errors(tiers
     status, _, answer = http("POST", prefill.url + "/v1/completions",
                              {"prompt": "x", "stream": True, "kv_transfer_params": {"do_remote_decode": True}})
     assert status == 400 and answer["error"]["param"] == "stream"
+
+
+def test_a_client_leaving_during_the_pull_leaves_nothing_behind(tiers):
+    """The decode server waits on a prefill side that never answers; the client gives up; the
+    pull times out; the request is gone and no block is held on either side."""
+    prefill, decode, _, _ = tiers
+    status, _, answer = http("POST", prefill.url + "/v1/completions",
+                             {"prompt": "Yet another unseen prompt. " * 8, "max_tokens": 1,
+                              "kv_transfer_params": {"do_remote_decode": True}})
+    params = answer["kv_transfer_params"]
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        stalled = {**params, "remote_port": silent.getsockname()[1]}
+        failures0 = _m(decode, "kv_transfer_failures_total")
+        body = {"prompt": "Yet another unseen prompt. " * 8, "max_tokens": 8, "kv_transfer_params": stalled}
+        with pytest.raises(OSError):  # the client's own 1 s timeout: it leaves while the KV travels
+            http("POST", decode.url + "/v1/completions", body, timeout=1)
+        assert _m(decode, "kv_transfer_waiting") == 1
+        wait_until(lambda: _m(decode, "kv_transfer_failures_total") == failures0 + 1, 15, "the pull to time out")
+        wait_until(lambda: _m(decode, "kv_transfer_waiting") == 0 and _settled(decode), 10, "the decode side to settle")
+        time.sleep(0.3)
+        assert _m(decode, "num_requests_running") == 0 and _m(decode, "num_requests_waiting") == 0
+    finally:
+        silent.close()
+    # The real transfer was never pulled: the prefill side lets it go at --kv-pin-timeout; pull it now.
+    assert http("POST", decode.url + "/v1/completions", {**body, "kv_transfer_params": params})[0] == 200
+    wait_until(lambda: _settled(prefill, decode), 10, "both tiers to hold no block and no pin")

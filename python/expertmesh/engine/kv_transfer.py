@@ -234,6 +234,7 @@ class KvImporter:
         """(first, count): the exported blocks this cache lacks. Engine thread."""
         have = len(self.scheduler.cached_prefix_blocks(prompt_ids))
         exported = int(params.get("num_blocks", 0))
+        self.stats["blocks_already_cached"] += min(have, exported)
         return have, max(0, exported - have)
 
     def fetch(self, params: dict[str, Any], first: int, count: int) -> torch.Tensor:
@@ -274,5 +275,4 @@ class KvImporter:
         self.scheduler.unpin(transfer_id)
         self.stats["imports"] += 1
         self.stats["blocks"] += len(blocks)
-        self.stats["blocks_already_cached"] += first
         return len(blocks)

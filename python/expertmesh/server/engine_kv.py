@@ -68,8 +68,9 @@ class PrefillSide:
 
 
 class DecodeSide:
-    def __init__(self, engine: Any, post: Callable[[dict[str, Any]], None], workers: int = 2) -> None:
-        self.importer = KvImporter(engine.scheduler, engine.runner.kv_caches)
+    def __init__(self, engine: Any, post: Callable[[dict[str, Any]], None], timeout_s: float = 30.0,
+                 workers: int = 2) -> None:
+        self.importer = KvImporter(engine.scheduler, engine.runner.kv_caches, read_timeout_s=timeout_s)
         self.post = post  # into the engine loop's inbox
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kv-pull")
         self._waiting: dict[str, Any] = {}  # request id -> its validated request, while its KV travels

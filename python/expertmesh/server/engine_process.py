@@ -225,7 +225,7 @@ def _kv_side(engine: Any, kv_transfer: dict[str, Any], inbox: queue.Queue) -> An
         return PrefillSide(engine, lambda: inbox.put({"type": "kv_wake"}), kv_transfer.get("host", "127.0.0.1"),
                            int(kv_transfer.get("port", 0)), float(kv_transfer.get("pin_timeout_s", 60.0)))
     if role == "decode":
-        return DecodeSide(engine, inbox.put)
+        return DecodeSide(engine, inbox.put, float(kv_transfer.get("timeout_s", 30.0)))
     return None
 
 
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="expertmesh engine process (started by `expertmesh serve`)")
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the frontend")
     parser.add_argument("--config", required=True, help="EngineConfig fields as JSON")
-    parser.add_argument("--kv-transfer", default="{}", help="disaggregated serving: role, host, port, pin_timeout_s")
+    parser.add_argument("--kv-transfer", default="{}",
+                        help="disaggregated serving: role, host, port, pin_timeout_s, timeout_s (JSON)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     try:

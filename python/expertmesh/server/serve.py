@@ -67,6 +67,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--kv-transfer-port", type=int, default=0, help="--role prefill: its port (0: any free one)")
     d.add_argument("--kv-pin-timeout", type=float, default=60.0,
                    help="--role prefill: seconds a finished prompt's KV waits for its pull before it is let go")
+    d.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+                   help="--role decode: seconds a pull may stay silent before the request computes its prompt")
     g.add_argument("--engine-timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S,
                    help="seconds a busy engine may stay silent (it reports after every step) before it is "
                         "declared dead")
@@ -83,7 +85,7 @@ async def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine_config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     engine_config["show_progress"] = False
     kv_transfer = {"role": args.role, "host": args.kv_transfer_host, "port": args.kv_transfer_port,
-                   "pin_timeout_s": args.kv_pin_timeout}
+                   "pin_timeout_s": args.kv_pin_timeout, "timeout_s": args.kv_transfer_timeout}
     await engine.start(engine_config, kv_transfer=kv_transfer)
     from expertmesh import default_model
 
