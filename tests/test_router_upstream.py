@@ -245,9 +245,13 @@ def test_a_slow_reader_pauses_the_backend_and_closing_tells_it():
     asyncio.run(main())
 
 
-async def _router(urls: list[str]) -> tuple[web.AppRunner, str, RouterState]:
+async def _router(urls: list[str], disagg: tuple[set[str], set[str]] | None = None
+                  ) -> tuple[web.AppRunner, str, RouterState]:
     pool = BackendPool([Backend(u) for u in urls], interval_s=60)
-    state = RouterState(Router("round-robin", pool, PrefixKeyer(None)), ProxySettings(read_timeout_s=5))
+    tiers = None if disagg is None else tuple(Router("round-robin", pool, PrefixKeyer(None), members=m)
+                                              for m in disagg)
+    state = RouterState(Router("round-robin", pool, PrefixKeyer(None)), ProxySettings(read_timeout_s=5),
+                        disagg=tiers)
     runner = web.AppRunner(build_app(state), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -290,5 +294,60 @@ def test_the_router_fails_over_on_503_and_refusal_but_not_on_a_stale_connection(
             await router.cleanup()
             await bad.cleanup()
             await ok.cleanup()
+
+    asyncio.run(main())
+
+
+def test_disaggregated_routing_asks_a_prefill_server_then_hands_its_params_to_a_decode_server():
+    async def main():
+        seen: dict[str, list] = {"prefill": [], "decode": []}
+        params = {"do_remote_prefill": True, "transfer_id": 42, "remote_host": "127.0.0.1", "remote_port": 9,
+                  "num_blocks": 3, "layout": {}}
+
+        async def health(request):
+            return web.json_response({"status": "ok"})
+
+        async def unavailable(request):
+            return web.json_response({"error": {"message": "draining"}}, status=503)
+
+        async def prefill(request):
+            body = await request.json()
+            seen["prefill"].append(body)
+            if body.get("prompt") == "bad":
+                return web.json_response({"error": {"message": "bad prompt", "param": "prompt"}}, status=400)
+            return web.json_response({"choices": [{"text": "z"}], "kv_transfer_params": params})
+
+        async def decode(request):
+            body = await request.json()
+            seen["decode"].append(body)
+            return web.json_response({"choices": [{"text": "answer"}]})
+
+        down, down_url = await _serve({"/health": health, "/v1/completions": unavailable})
+        up, up_url = await _serve({"/health": health, "/v1/completions": prefill})
+        dec, dec_url = await _serve({"/health": health, "/v1/completions": decode})
+        router, url, state = await _router([down_url, up_url, dec_url], ({down_url, up_url}, {dec_url}))
+        client = UpstreamPool()
+        try:
+            body = {"prompt": "x", "max_tokens": 5, "n": 2, "stream": False, "stream_options": None}
+            for _ in range(2):  # round-robin: each prefill server comes first once
+                ex = await client.post(url, "/v1/completions", JSON, json.dumps(body).encode(), 10)
+                assert ex.status == 200 and json.loads(await ex.read(10)) == {"choices": [{"text": "answer"}]}
+                client.release(ex)
+            # The 503 one was passed over (and is down now); the other got both prefill legs:
+            assert seen["prefill"] == [{"prompt": "x", "max_tokens": 1, "stream": False,
+                                        "kv_transfer_params": {"do_remote_decode": True}}] * 2
+            # The decode server got the client's request as sent, plus the prefill server's params:
+            assert seen["decode"] == [{**body, "kv_transfer_params": params}] * 2
+            text = state.metrics.render().decode()
+            assert metric(text, "expertmesh_router:requests_total", backend=down_url, outcome="retried") == 1
+            ex = await client.post(url, "/v1/completions", JSON, b'{"prompt": "bad"}', 10)
+            assert ex.status == 400 and json.loads(await ex.read(10))["error"]["param"] == "prompt"
+            client.release(ex)
+            assert len(seen["decode"]) == 2  # a refused prompt never reaches the decode tier
+        finally:
+            client.close()
+            await router.cleanup()
+            for runner in (down, up, dec):
+                await runner.cleanup()
 
     asyncio.run(main())

@@ -26,10 +26,8 @@ from aiohttp import web
 from expertmesh.router.backends import BackendPool
 from expertmesh.router.metrics import RouterMetrics
 from expertmesh.router.policies import Router
-from expertmesh.router.proxy import ProxySettings, error_body, forward
+from expertmesh.router.proxy import RETRYABLE_STATUS, ProxySettings, error_body, forward
 from expertmesh.router.upstream import UpstreamError
-
-_RETRYABLE_STATUS = {502, 503}
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +48,7 @@ async def _prefill(pool: BackendPool, metrics: RouterMetrics, settings: ProxySet
         try:
             exchange = await pool.upstream.post(url, path, {"Content-Type": "application/json", **backend.headers()},
                                                 payload, settings.read_timeout_s)
-            if exchange.status in _RETRYABLE_STATUS:
+            if exchange.status in RETRYABLE_STATUS:
                 pool.mark_down(url, f"{url} answered {exchange.status}")
                 metrics.outcome(url, "retried")
                 continue
