@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+PERCENTILES = [*range(50, 90), *np.round(np.arange(90, 100.01, 0.1), 1).tolist()]  # the tail in detail
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench" / "router"))
 from bench_router import _router  # noqa: E402 - the router launcher
@@ -77,7 +78,8 @@ async def _workload(url: str, model: str, a: argparse.Namespace, long_prompts: i
         duration = time.perf_counter() - t0
     stream_results, long_results = results[: a.streams], results[a.streams:]
     itl = np.array([x * 1e3 for r in stream_results for x in r.itl])
-    return {"itl_p50_ms": float(np.percentile(itl, 50)), "itl_p99_ms": float(np.percentile(itl, 99)),
+    return {"itl_percentiles_ms": [[q, float(np.percentile(itl, q))] for q in PERCENTILES],
+            "itl_p50_ms": float(np.percentile(itl, 50)), "itl_p99_ms": float(np.percentile(itl, 99)),
             "itl_max_ms": float(itl.max()), "output_tok_s": sum(r.output_tokens for r in results) / duration,
             "long_ttft_p50_ms": float(np.median([r.ttft * 1e3 for r in long_results])) if long_results else None,
             "failed": sum(not r.success for r in results), "duration_s": duration}
@@ -111,6 +113,27 @@ def _loopback_gbps(nbytes: int = 256 << 20) -> float:
     return nbytes / seconds / 1e9
 
 
+def plot(out: dict, path: Path) -> None:
+    """The decode streams' ITL distribution per cell: where the prefill stalls show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell, style in (("colocated-idle", ":"), ("colocated", "-"), ("disaggregated", "--")):
+        qs, ms = zip(*out[cell]["itl_percentiles_ms"])
+        ax.plot(qs, ms, style, label=cell)
+    ax.set_yscale("log")
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("inter-token latency of the running decode streams (ms)")
+    a = out["config"]
+    ax.set_title(f"{a['streams']} decode streams; {a['long_prompts']} prompts of {a['long_len']} tokens arriving")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the built-in model)")
@@ -126,7 +149,8 @@ def main() -> None:
     model_args = ["--model", a.model] if a.model else []
     common = [*model_args, "--kv-cache-blocks", "2048", "--max-model-len", "2048"]
     name = os.path.basename(os.path.normpath(a.model)) if a.model else "expertmesh-tiny-moe"
-    out: dict = {"config": vars(a), "cores": cores}
+    out: dict = {"command": " ".join(["bench/disagg/bench_disagg.py", *sys.argv[1:]]), "config": vars(a),
+                 "cores": cores, "machine": os.uname().machine + f", {len(cores)} cores"}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for cell, longs in (("colocated-idle", 0), ("colocated", a.long_prompts)):
@@ -167,6 +191,7 @@ def main() -> None:
           f"{out['loopback_tcp_gbps']:.2f} GB/s")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+        plot(out, Path(a.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
