@@ -33,3 +33,23 @@ def test_no_import_runs_backwards(package):
     assert files
     bad = [(f.name, name) for f in files for name in _imports(f) if name.startswith(FORBIDDEN[package])]
     assert not bad, bad
+
+
+def test_the_router_starts_without_torch_or_the_engine():
+    """`expertmesh router` builds the whole command line and its state without importing torch
+    (seconds to import and hundreds of MB it would never use)."""
+    import subprocess
+    import sys
+
+    from expertmesh.default_model import default_model_path
+
+    tokenizer = str(default_model_path())  # written here if it is not yet: that part needs torch
+    code = ("import sys\n"
+            "from expertmesh.cli import build_parser\n"
+            "from expertmesh.router.main import build_state\n"
+            "build_state(build_parser().parse_args(['router', '--backend', 'http://127.0.0.1:9', '--tokenizer', "
+            f"{tokenizer!r}]))\n"
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('expertmesh.engine'))\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the built-in model on 127.0.0.1:8000)")
     _add_engine_args(serve)
-    from expertmesh.server.serve import add_serve_args
+    from expertmesh.server.serve_args import add_serve_args
 
     add_serve_args(serve)
     serve.set_defaults(func=_serve)

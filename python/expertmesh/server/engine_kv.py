@@ -24,7 +24,6 @@ from typing import Any, Callable
 from expertmesh.engine.kv_transfer import KvExporter, KvImporter
 
 logger = logging.getLogger(__name__)
-ROLES = ("both", "prefill", "decode")
 _EXPORTED_REASONS = ("length", "stop")  # a prompt that ran to the end; aborts and errors export nothing
 
 
