@@ -16,7 +16,7 @@
 
 use crate::block_pool::{extend_block_hashes, BlockId, CacheCursor};
 use crate::error::{check_in_range, CoreError, CoreResult};
-use crate::request::{TokenId, MAX_TOKEN_ID};
+use crate::request::{check_token_ids, TokenId};
 use crate::scheduler::Scheduler;
 
 /// Blocks registered by [`Scheduler::import_prefix`].
@@ -35,19 +35,8 @@ fn tokens_of(token_ids: &[i64]) -> CoreResult<Vec<TokenId>> {
         1,
         i32::MAX as i128,
     )?;
-    token_ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            check_in_range(
-                || format!("token_ids[{i}]"),
-                t.into(),
-                0,
-                MAX_TOKEN_ID.into(),
-            )?;
-            Ok(t as TokenId)
-        })
-        .collect()
+    check_token_ids("token_ids", token_ids)?;
+    Ok(token_ids.iter().map(|&t| t as TokenId).collect())
 }
 
 impl Scheduler {
@@ -133,9 +122,10 @@ impl Scheduler {
             let Some(b) = self.pool.allocate() else { break };
             imported.blocks.push(b);
         }
-        let mut cursor = match hits.is_empty() {
-            true => CacheCursor::default(),
-            false => self.pool.cursor_after_hits(&hits),
+        let mut cursor = if hits.is_empty() {
+            CacheCursor::default()
+        } else {
+            self.pool.cursor_after_hits(&hits)
         };
         let table: Vec<BlockId> = hits.iter().chain(&imported.blocks).copied().collect();
         self.pool

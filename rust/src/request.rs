@@ -2,12 +2,21 @@
 //! only the per-request bookkeeping and the stop check.
 
 use crate::block_pool::{BlockHash, BlockId, CacheCursor};
+use crate::error::{check_in_range, CoreResult};
 
 /// A token id. Kept below `i32::MAX` (checked at the API edge) so it fits the int32 batch arrays.
 pub type TokenId = u32;
 
 /// Largest token id accepted (the batch's `input_ids` are int32).
 pub const MAX_TOKEN_ID: i64 = i32::MAX as i64;
+
+/// Checks that every entry of `ids` is a token id; errors name the entry as `name[i]`.
+pub fn check_token_ids(name: &str, ids: &[i64]) -> CoreResult<()> {
+    for (i, &t) in ids.iter().enumerate() {
+        check_in_range(|| format!("{name}[{i}]"), t.into(), 0, MAX_TOKEN_ID.into())?;
+    }
+    Ok(())
+}
 
 /// Why a request ended. Every request ends with exactly one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -2,7 +2,7 @@
 //! it reports; plus the validation that turns a `NewRequest` into a `Request`.
 
 use crate::error::{check_at_least, check_in_range, CoreError, CoreResult};
-use crate::request::{Request, StopConditions, TokenId, MAX_TOKEN_ID};
+use crate::request::{check_token_ids, Request, StopConditions, TokenId, MAX_TOKEN_ID};
 
 /// Sizes and limits of a scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,15 +65,8 @@ impl NewRequest {
             1,
         )?;
         check_at_least("max_tokens", self.max_tokens.into(), 1)?;
-        let check_token = |name: &str, i: usize, t: i64| {
-            check_in_range(|| format!("{name}[{i}]"), t.into(), 0, MAX_TOKEN_ID.into())
-        };
-        for (i, &t) in self.prompt_token_ids.iter().enumerate() {
-            check_token("prompt_token_ids", i, t)?;
-        }
-        for (i, &t) in self.stop_token_ids.iter().enumerate() {
-            check_token("stop_token_ids", i, t)?;
-        }
+        check_token_ids("prompt_token_ids", &self.prompt_token_ids)?;
+        check_token_ids("stop_token_ids", &self.stop_token_ids)?;
         if let Some(t) = self.eos_token_id {
             check_in_range(|| "eos_token_id".into(), t.into(), 0, MAX_TOKEN_ID.into())?;
         }

@@ -57,13 +57,12 @@ impl<T: Elem> PagedAttention<'_, T> {
                 let mut lo = window_lo(first_pos);
                 while lo < ctx {
                     let hi = ((lo / DECODE_PARTITION + 1) * DECODE_PARTITION).min(ctx);
-                    let (kv_lo, kv_count, token, rows) = (0, nkv, start, 1);
                     items.push(Item {
                         req: r,
-                        kv_lo,
-                        kv_count,
-                        token,
-                        rows,
+                        kv_lo: 0,
+                        kv_count: nkv,
+                        token: start,
+                        rows: 1,
                         first_pos,
                         key_lo: lo,
                         key_hi: hi,
@@ -90,12 +89,11 @@ impl<T: Elem> PagedAttention<'_, T> {
                             m0: i * group,
                         };
                     }
-                    let (kv_lo, kv_count, token) = (h, 1, start + c);
                     items.push(Item {
                         req: r,
-                        kv_lo,
-                        kv_count,
-                        token,
+                        kv_lo: h,
+                        kv_count: 1,
+                        token: start + c,
                         rows,
                         first_pos: pos,
                         key_lo: window_lo(pos),
