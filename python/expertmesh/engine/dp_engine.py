@@ -138,7 +138,11 @@ class DPEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
-        req = self.engine.check_request(prompt, params, priority)  # rank 0 validates for everyone
+        return self.add(self.check_request(prompt, params, priority), request_id, output_kind)
+
+    def add(self, req: EngineRequest, request_id: str | None = None,
+            output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
+        """Queue a request rank 0 validated (check_request) on the replica that takes it."""
         if request_id is None:
             request_id = f"dp-{self._next_id}"
             self._next_id += 1

@@ -57,7 +57,7 @@ class KvLayout:
 
     @classmethod
     def of(cls, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> KvLayout:
-        nb, b, nkv, d = kv_caches[0][0].shape  # [NB, B, NKV, D]
+        _, b, nkv, d = kv_caches[0][0].shape  # [NB, B, NKV, D]
         return cls(len(kv_caches), b, nkv, d, str(kv_caches[0][0].dtype).removeprefix("torch."))
 
     def as_dict(self) -> dict[str, Any]:

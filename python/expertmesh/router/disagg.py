@@ -26,8 +26,7 @@ from aiohttp import web
 from expertmesh.router.backends import BackendPool
 from expertmesh.router.metrics import RouterMetrics
 from expertmesh.router.policies import Router
-from expertmesh.router.proxy import RETRYABLE_STATUS, ProxySettings, error_body, forward
-from expertmesh.router.upstream import UpstreamError
+from expertmesh.router.proxy import ProxySettings, error_body, forward
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -38,48 +37,21 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _prefill(pool: BackendPool, metrics: RouterMetrics, settings: ProxySettings, order: list[str], path: str,
-                   payload: bytes) -> tuple[int, dict[str, str], bytes] | None:
-    """(status, headers, body) of the first prefill server that answers, or None if none did."""
-    for url in order[: settings.max_attempts]:
-        backend = pool.backends[url]
-        backend.in_flight += 1
-        exchange = None
-        try:
-            exchange = await pool.upstream.post(url, path, {"Content-Type": "application/json", **backend.headers()},
-                                                payload, settings.read_timeout_s)
-            if exchange.status in RETRYABLE_STATUS:
-                pool.mark_down(url, f"{url} answered {exchange.status}")
-                metrics.outcome(url, "retried")
-                continue
-            body = await exchange.read(settings.read_timeout_s)
-        except UpstreamError as exc:
-            pool.mark_down(url, f"{url}: {exc}")
-            metrics.outcome(url, "retried")
-            continue
-        finally:
-            backend.in_flight -= 1
-            if exchange is not None:
-                pool.upstream.release(exchange)
-        metrics.outcome(url, "ok" if exchange.status < 400 else f"status_{exchange.status // 100}xx")
-        return exchange.status, {"Content-Type": exchange.headers.get("content-type", "application/json")}, body
-    return None
-
-
 async def forward_disaggregated(request: web.Request, pool: BackendPool, metrics: RouterMetrics,
                                 settings: ProxySettings, prefill: Router, decode: Router, path: str,
                                 body: dict[str, Any]) -> web.StreamResponse:
     order = prefill.order(path, body)
-    answer = await _prefill(pool, metrics, settings, order, path, json.dumps(prefill_body(body)).encode())
-    if answer is None:
+    if not order:
         metrics.outcome("none", "failed")
-        return web.json_response(error_body(503, "no prefill server could take the request", "no_backend"),
-                                 status=503)
-    status, headers, raw = answer
-    if status != 200:
-        return web.Response(body=raw, status=status, headers=headers)  # the client's error, as the server said it
+        return web.json_response(error_body(503, "no healthy prefill server", "no_backend"), status=503)
+    # The prefill leg is an ordinary non-streaming request, failover included; its answer is
+    # read whole, so a non-200 (the client's 400, or no server left) is the client's answer.
+    answer = await forward(request, pool, metrics, settings, order, path, json.dumps(prefill_body(body)).encode(),
+                           stream=False)
+    if answer.status != 200 or not isinstance(answer, web.Response):
+        return answer
     try:
-        params = json.loads(raw)["kv_transfer_params"]
+        params = json.loads(answer.body)["kv_transfer_params"]
     except (ValueError, KeyError, TypeError):
         return web.json_response(error_body(502, "the prefill server's answer has no kv_transfer_params: is it "
                                                  "running with --role prefill?", "backend_failed"), status=502)

@@ -26,7 +26,7 @@ from expertmesh.router.metrics import RouterMetrics
 from expertmesh.router.upstream import Exchange, UpstreamError
 
 logger = logging.getLogger(__name__)
-RETRYABLE_STATUS = {502, 503}  # the backend is not serving (down, draining, engine dead)
+_RETRYABLE_STATUS = {502, 503}  # the backend is not serving (down, draining, engine dead)
 _PASS_HEADERS = {"content-type": "Content-Type", "retry-after": "Retry-After", "cache-control": "Cache-Control"}
 
 
@@ -86,7 +86,7 @@ async def forward(request: web.Request, pool: BackendPool, metrics: RouterMetric
                 pool.mark_down(url, last)
                 metrics.outcome(url, "retried")
                 continue
-            if exchange.status in RETRYABLE_STATUS:
+            if exchange.status in _RETRYABLE_STATUS:
                 last = f"{url} answered {exchange.status}"
                 pool.mark_down(url, last)
                 metrics.outcome(url, "retried")

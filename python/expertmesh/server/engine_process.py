@@ -90,12 +90,11 @@ class EngineLoop:
         request_id = message.get("id")
         try:
             params = SamplingParams(**message["params"])
+            req = self.engine.check_request(message["prompt_ids"], params, message.get("priority", 0))
             self.arrival[request_id] = time.monotonic()
-            if self.kv is not None:  # refuse a bad request before any KV moves for it
-                req = self.engine.check_request(message["prompt_ids"], params, message.get("priority", 0))
-                if self.kv.defer(message, req):
-                    return  # added once its KV has arrived (kv_ready)
-            self._admit(request_id, message["prompt_ids"], params, message.get("priority", 0))
+            if self.kv is not None and self.kv.defer(message, req):
+                return  # added once its KV has arrived (kv_ready)
+            self._admit(request_id, req)
         except (InvalidRequestError, CoreError) as exc:
             self.arrival.pop(request_id, None)
             self._error(request_id, str(exc), getattr(exc, "param", None), 400)
@@ -105,8 +104,8 @@ class EngineLoop:
             self.arrival.pop(request_id, None)
             self._error(request_id, f"the engine could not take the request: {type(exc).__name__}: {exc}", None, 500)
 
-    def _admit(self, request_id: str, prompt_ids: list[int], params: Any, priority: int) -> None:
-        self.engine.add_request(prompt_ids, params, request_id, priority, output_kind=RequestOutputKind.DELTA)
+    def _admit(self, request_id: str, req: Any) -> None:
+        self.engine.add(req, request_id, output_kind=RequestOutputKind.DELTA)
         self.live.add(request_id)
 
     def _kv_ready(self, frame: dict[str, Any]) -> None:
@@ -115,7 +114,7 @@ class EngineLoop:
         if req is None:
             return  # aborted while its KV travelled
         try:
-            self._admit(frame["id"], list(req.prompt_ids), req.params, req.priority)
+            self._admit(frame["id"], req)
         except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
             logger.exception("adding request %s failed", frame["id"])
             self.arrival.pop(frame["id"], None)
