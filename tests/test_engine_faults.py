@@ -143,7 +143,7 @@ def test_engine_loop_turns_add_failures_into_error_frames(llm, monkeypatch):
                         (RuntimeError("bug"), 500)):
         def boom(*args, exc=exc, **kwargs):
             raise exc
-        monkeypatch.setattr(llm.engine, "add_request", boom)
+        monkeypatch.setattr(llm.engine, "add", boom)  # what the loop calls once a request is checked
         assert loop._handle({**add, "id": f"x{status}"}) is True  # the loop goes on
         (frame,) = _frames(theirs, 1)
         assert frame["type"] == "error" and frame["id"] == f"x{status}" and frame["error"]["status"] == status
