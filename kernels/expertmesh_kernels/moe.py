@@ -52,7 +52,8 @@ def expert_mlp_ref(
     """Run each expert's SwiGLU MLP on its slice of the expert-sorted rows.
 
     Matmuls run in the input dtype (torch accumulates in fp32); the activation product is
-    formed in fp32 and rounded once. Experts with no rows are skipped.
+    formed in fp32 and rounded once. Experts with no rows are skipped. The weights may be
+    QuantWeights (quant.py): each expert's matmul then takes the quantized one.
     """
     num_experts, two_i, hidden = w_gate_up.shape
     inter = two_i // 2
@@ -76,10 +77,18 @@ def expert_mlp_ref(
         lo, hi = offsets[e], offsets[e + 1]
         if lo == hi:
             continue
-        gate_up = F.linear(x_sorted[lo:hi], w_gate_up[e]).float()  # [n, 2I]
+        gate_up = _linear(x_sorted[lo:hi], w_gate_up[e]).float()  # [n, 2I]
         act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x_sorted.dtype)  # [n, I]
-        out[lo:hi] = F.linear(act, w_down[e])  # [n, H]
+        out[lo:hi] = _linear(act, w_down[e])  # [n, H]
     return out
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    from expertmesh_kernels import ops
+
+    return ops.quant_linear(x, w)
 
 
 def moe_align_ref(

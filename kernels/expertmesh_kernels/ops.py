@@ -120,3 +120,17 @@ def apply_rotary(x, cos, sin):
     else:
         from expertmesh_kernels.norm_rope_ref import apply_rotary_ref as op
     return op(x, cos, sin)
+
+
+def quant_linear(x, w, bias=None):
+    """x [T, K] @ dequant(w).T (+ bias) for a QuantWeight w [N, K] -> [T, N] in x's dtype.
+
+    CPU: int8 takes torch's int8-weight kernel, fp8 the Rust core's kernel; CUDA (until the
+    Triton kernels read quantized weights): the dequantizing reference."""
+    from expertmesh_kernels import quant
+
+    if x.is_cuda:
+        return quant.quant_linear_ref(x, w, bias)
+    if w.kind == "int8":
+        return quant.int8_linear_cpu(x, w, bias)
+    return quant.fp8_linear_cpu(x, w, bias)

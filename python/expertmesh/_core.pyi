@@ -17,7 +17,7 @@ from expertmesh.errors import CoreError as CoreError
 __all__ = [
     "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
-    "ShmRows", "MoeDispatch", "paged_attention", "use_openmp",
+    "ShmRows", "MoeDispatch", "paged_attention", "fp8_linear", "use_openmp",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
@@ -344,6 +344,22 @@ class ShmRows:
                      index: npt.NDArray[np.int64]) -> None:
         """out[index[j]] += received packed f32 row j, sources in rank order. CoreError for an
         index out of range."""
+
+def fp8_linear(
+    dtype: str,
+    out: int,
+    x: int,
+    q: int,
+    scale: int,
+    dims: tuple[int, int, int, int, int],
+    threads: int = 1,
+) -> None:
+    """out [M, N] = x [M, K] @ dequant(q).T for an fp8 e4m3 weight q [N, K] with scales
+    [N, KB] (row n's scale for K-block b; dims = (M, N, K, block_k, col_offset)), on the CPU.
+
+    ``out``, ``x`` (``dtype``: "float32" or "bfloat16"), ``q`` (bytes) and ``scale`` (fp32) are
+    addresses of contiguous CPU tensors. Use expertmesh_kernels.quant, which checks them; this
+    checks the sizes (CoreError naming them). Releases the GIL; runs on ``threads`` workers."""
 
 def paged_attention(
     dtype: str,

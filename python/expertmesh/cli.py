@@ -18,9 +18,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny MoE)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--quantization", "-q", default=None, choices=["int8", "fp8"],
+                   help="weight-only quantization at load: int8 (per output channel) or fp8 (e4m3, 128x128 "
+                        "blocks); an FP8 checkpoint is served as fp8 without it")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of the device's memory (GPU, or RAM on the CPU) for weights + KV cache; the KV "
+                        "cache gets what the weights leave (default: a fixed 2 GiB KV budget)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -47,9 +53,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         kv_cache_blocks=args.kv_cache_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,

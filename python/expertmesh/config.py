@@ -10,6 +10,7 @@ from expertmesh.errors import InvalidRequestError
 from expertmesh.models.loader import DTYPES
 from expertmesh.parallel.cpu_binding import parse_cpu_bind
 from expertmesh.parallel.layout import ParallelConfig
+from expertmesh.quant.config import check_method
 
 
 def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -26,18 +27,25 @@ class EngineConfig:
     model: a checkpoint directory (config.json, *.safetensors, tokenizer.json); None means the
     built-in tiny MoE. dtype: "auto" follows the checkpoint, but runs half types as fp32 on the
     CPU (models/loader.py). max_model_len: longest prompt + output; None means the checkpoint's
-    max_position_embeddings. kv_cache_blocks: paged KV blocks of block_size tokens; None means
-    enough for max_num_seqs full-length sequences, capped by kv_cache_memory_bytes.
+    max_position_embeddings. quantization: "int8" or "fp8" weights quantized at load (quant/);
+    None serves the checkpoint as stored (an FP8 checkpoint as fp8). kv_cache_blocks: paged KV
+    blocks of block_size tokens; None means
+    enough for max_num_seqs full-length sequences, capped by kv_cache_memory_bytes -- or, with
+    gpu_memory_utilization (vLLM's spelling: the share of the device's memory, the GPU's on CUDA
+    and the host's RAM on the CPU, for weights and KV cache together), by what the weights
+    leave of that share, so memory quantization saves becomes KV blocks.
     """
 
     model: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None
     device: str = "cpu"
     seed: int = 0
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_blocks: int | None = None
     kv_cache_memory_bytes: int = 2 << 30
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
@@ -68,6 +76,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
             _positive(name, getattr(self, name))
         _positive("max_model_len", self.max_model_len, allow_none=True)
+        util = self.gpu_memory_utilization
+        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
+            raise InvalidRequestError(f"gpu_memory_utilization must be a number in (0, 1], got {util!r}",
+                                      param="gpu_memory_utilization", value=util)
         _positive("expert_parallel_size", self.expert_parallel_size)
         _positive("ep_max_tokens_per_rank", self.ep_max_tokens_per_rank, allow_none=True)
         for name in ("ep_transport", "allreduce"):
@@ -84,6 +96,7 @@ class EngineConfig:
                     param="expert_parallel_size", value=self.expert_parallel_size)
             self.data_parallel_size, self.enable_expert_parallel = self.expert_parallel_size, True
         parse_cpu_bind(self.cpu_bind)
+        check_method(self.quantization)
         self.parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
         _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -116,15 +129,26 @@ class EngineConfig:
             )
         return self.max_model_len
 
-    def resolve_kv_cache_blocks(self, max_model_len: int, bytes_per_block: int) -> int:
+    def resolve_kv_cache_blocks(self, max_model_len: int, bytes_per_block: int, weight_bytes: int = 0,
+                                device_memory: int = 0) -> int:
         """Blocks for the KV cache: as asked, else enough for every sequence at full length
-        within the memory budget (and at least one full-length sequence)."""
+        within the memory budget (and at least one full-length sequence). The budget is
+        kv_cache_memory_bytes, or gpu_memory_utilization x device_memory - weight_bytes."""
         per_seq = math.ceil(max_model_len / self.block_size)
         if self.kv_cache_blocks is not None:
             blocks = self.kv_cache_blocks
         else:
+            budget = self.kv_cache_memory_bytes
+            if self.gpu_memory_utilization is not None:
+                budget = int(self.gpu_memory_utilization * device_memory) - weight_bytes
+                if budget < per_seq * bytes_per_block:
+                    raise InvalidRequestError(
+                        f"gpu_memory_utilization {self.gpu_memory_utilization} of {device_memory} bytes leaves "
+                        f"{budget} bytes after the weights ({weight_bytes} bytes), less than one sequence of "
+                        f"max_model_len {max_model_len} needs ({per_seq * bytes_per_block} bytes of KV cache)",
+                        param="gpu_memory_utilization", value=self.gpu_memory_utilization)
             wanted = per_seq * self.max_num_seqs
-            blocks = min(wanted, max(per_seq, self.kv_cache_memory_bytes // bytes_per_block))
+            blocks = min(wanted, max(per_seq, budget // bytes_per_block))
         if blocks < per_seq:
             raise InvalidRequestError(
                 f"kv_cache_blocks {blocks} cannot hold one sequence of max_model_len {max_model_len} "

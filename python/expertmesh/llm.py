@@ -111,9 +111,10 @@ class LLM:
 
     def stats(self) -> dict[str, object]:
         """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free
-        blocks) of rank 0's engine; on a parallel layout also "layout" (TP, DP and EP sizes) and
-        "allreduce" (rank 0's calls and bytes per algorithm)."""
-        keep = ("layout", "allreduce")
+        blocks, num_blocks) of rank 0's engine, its "weight_bytes" (quantized values and scales
+        included) and "quantization" (None, "int8" or "fp8"); on a parallel layout also "layout"
+        (TP, DP and EP sizes) and "allreduce" (rank 0's calls and bytes per algorithm)."""
+        keep = ("layout", "allreduce", "quantization")
         return {k: v for k, v in self.engine.stats().items() if isinstance(v, int) or k in keep}
 
     def expert_load(self) -> dict[str, list]:

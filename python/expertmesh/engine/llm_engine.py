@@ -161,6 +161,8 @@ class LLMEngine:
             num_waiting=sched.num_waiting,
             num_blocks=sched.num_blocks,
             num_free_blocks=sched.num_free_blocks,
+            weight_bytes=self.runner.weight_bytes,  # this rank's
+            quantization=self.runner.model.quant_config.method if self.runner.model.quant_config else None,
         )
         moe_layers = [m for m in self.runner.model.modules() if isinstance(m, FusedMoE)]
         snapshot["expert_tokens"] = [m.tokens_routed.tolist() for m in moe_layers]

@@ -11,6 +11,8 @@ request in the batch table, NB KV blocks, B block size, NKV KV heads held, D hea
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import partial
 
 import torch
@@ -23,7 +25,17 @@ from expertmesh.parallel.apply import apply_parallelism
 from expertmesh.parallel.batch_channel import BATCH, IDLE, STOP
 from expertmesh.models.decoder import SelfAttentionBlock
 from expertmesh.parallel.launch import RankSetup
+from expertmesh.quant.apply import weight_bytes
 from expertmesh.step_profile import StepProfile
+
+logger = logging.getLogger(__name__)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's on CUDA, the host's RAM otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class ModelRunner:
@@ -35,7 +47,7 @@ class ModelRunner:
         shard = None if rank is None else partial(apply_parallelism, layout=rank.layout, tp=rank.tp, ep=rank.ep)
         self.model, self.hf_config = load_model(
             config.model_path, dtype=config.dtype, device=self.device, show_progress=config.show_progress,
-            shard=shard,
+            shard=shard, quantization=config.quantization,
         )
         self.dtype = self.model.dtype
         self.vocab_size = int(self.hf_config["vocab_size"])
@@ -44,7 +56,12 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         bytes_per_block = 2 * self.model.num_layers * elem * config.block_size * self.model.num_kv_heads \
             * self.model.head_dim
-        self.num_kv_blocks = config.resolve_kv_cache_blocks(self.max_model_len, bytes_per_block)
+        self.weight_bytes = weight_bytes(self.model)  # this rank's share, quantized values and scales included
+        self.num_kv_blocks = config.resolve_kv_cache_blocks(self.max_model_len, bytes_per_block, self.weight_bytes,
+                                                            device_memory(self.device))
+        logger.info("model weights: %.1f MiB (%s), KV cache: %d blocks of %d bytes", self.weight_bytes / 2**20,
+                    self.model.quant_config.method if self.model.quant_config else self.dtype, self.num_kv_blocks,
+                    bytes_per_block)
         self.kv_caches = allocate_kv_caches(self.model.num_layers, self.num_kv_blocks, config.block_size,
                                             self.model.num_kv_heads, self.model.head_dim, self.kv_cache_dtype,
                                             self.device)

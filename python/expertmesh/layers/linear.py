@@ -9,6 +9,11 @@ the work is split across ranks. The layer then computes its share -- partial out
 or a partial sum over input features, or embedding rows for the ids it holds (zeros for the
 rest) -- and whoever split it combines the shares. The layers themselves never communicate.
 
+A Linear may also hold its weight quantized (`quantize`, called by quant/apply.py after any
+split): `weight` then holds int8 or fp8 values and `weight_scale` their scales (formats in
+quant/format.py), filled at load time by quantizing the checkpoint's tensor or, for an FP8
+checkpoint, from its values and `weight_scale_inv`.
+
 Legend: T tokens, IN input features, OUT output features, V vocabulary, H hidden.
 """
 
@@ -18,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.layers.weights import empty_parameter, hold
+from expertmesh.layers.weights import empty_parameter, hold, read
+from expertmesh.quant.format import WeightFormat
+from expertmesh_kernels import ops
 
 
 class Linear(nn.Module):
@@ -32,6 +39,9 @@ class Linear(nn.Module):
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
         self.add_bias = bias  # False on all but one holder of a column slice (the bias is added once)
+        self.format: WeightFormat | None = None  # set by quantize
+        self.weight_scale: nn.Parameter | None = None  # the quantized weight's scales
+        self._cols = (0, in_features)  # the full weight's input features held (where fp8 blocks start)
 
     def own(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
             add_bias: bool = True) -> None:
@@ -45,11 +55,33 @@ class Linear(nn.Module):
             self.add_bias = add_bias
         self.out_features, self.in_features = r1 - r0, c1 - c0
 
+    def quantize(self, fmt: WeightFormat) -> None:
+        """Hold the weight (or the part `own` kept) in `fmt`; loading then fills values and scales."""
+        index = getattr(self.weight, "held_index", (slice(0, self.out_features), slice(0, self.in_features)))
+        full = tuple(getattr(self.weight, "held_full_shape", (self.out_features, self.in_features)))
+        rows, cols = (index[0].start, index[0].stop), (index[1].start, index[1].stop)
+        device = self.weight.device
+        self.format, self._cols = fmt, cols
+        self.weight = hold(nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=fmt.dtype,
+                                                    device=device), requires_grad=False), full, index)
+        self.weight_scale = nn.Parameter(torch.empty(fmt.scale_shape(rows, cols), device=device), requires_grad=False)
+        self.weight.weight_loader = lambda source, what: fmt.store(  # type: ignore[attr-defined]
+            self.weight, self.weight_scale, lambda r, c: read(source, (r, c)), full, rows, cols, what)
+        self.weight_scale.from_checkpoint = fmt.prequantized  # type: ignore[attr-defined]
+        if fmt.prequantized:
+            self.weight_scale.held_full_shape = fmt.checkpoint_scale_shape(full)  # type: ignore[attr-defined]
+            self.weight_scale.weight_loader = lambda source, what: fmt.store_scale(  # type: ignore[attr-defined]
+                self.weight_scale, read(source), full, rows, cols, what)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, IN] -> [T, OUT]
-        return F.linear(x, self.weight, self.bias if self.add_bias else None)
+        bias = self.bias if self.add_bias else None
+        if self.format is None:
+            return F.linear(x, self.weight, bias)
+        return ops.quant_linear(x, self.format.weight(self.weight, self.weight_scale, self._cols), bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        quant = "" if self.format is None else f", quantized={self.format.kind}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{quant}"
 
 
 class Embedding(nn.Module):

@@ -13,6 +13,10 @@ sum). When its experts are spread over ranks, whoever spread them installs an `e
 (parallel/apply.py) that moves tokens to the experts' owners and back; the layer itself never
 communicates.
 
+Its expert weights may be held quantized (`quantize`, called by quant/apply.py after `own`):
+w_gate_up / w_down then hold int8 or fp8 values and w_gate_up_scale / w_down_scale their
+scales (quant/format.py), and the expert matmuls take them as QuantWeights.
+
 Legend: T tokens, H hidden, E experts, El local experts, k top-k, I expert intermediate size
 (Il held), P = T * k pairs.
 """
@@ -28,8 +32,10 @@ from torch import nn
 from expertmesh._core import route
 from expertmesh.layers.linear import Linear
 from expertmesh.layers.weights import empty_parameter, read, source_shape
+from expertmesh.quant.format import ReadRC, WeightFormat
 from expertmesh_kernels import ops
 from expertmesh_kernels.moe import expert_mlp_ref
+from expertmesh_kernels.quant import QuantWeight
 
 
 class ExpertExchange(Protocol):
@@ -57,6 +63,11 @@ def routing_plan(
         torch.from_numpy(plan.pair_positions).to(device),
         torch.from_numpy(plan.expert_offsets).to(device),
     )
+
+
+def _expert_reader(source, e: int, shift: int = 0) -> ReadRC:
+    """Rows x cols of expert e's matrix in a fused [E, R, C] tensor, its rows starting at `shift`."""
+    return lambda r, c: read(source, (slice(e, e + 1), slice(r.start + shift, r.stop + shift), c))[0]
 
 
 class FusedMoE(nn.Module):
@@ -89,6 +100,9 @@ class FusedMoE(nn.Module):
         self.w_down = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
         )  # [E, H, I]
+        self.format: WeightFormat | None = None  # set by quantize
+        self.w_gate_up_scale: nn.Parameter | None = None  # [El, 2Il] int8, [El, 2Il, KB] fp8
+        self.w_down_scale: nn.Parameter | None = None  # [El, H] int8, [El, H, KB] fp8
 
     def own(self, experts: tuple[int, int] | None = None, intermediate: tuple[int, int] | None = None) -> None:
         """Keep experts [experts) and, of each, intermediate rows [intermediate) (the output is
@@ -98,6 +112,27 @@ class FusedMoE(nn.Module):
         self.expert_start, self.expert_end, self.inter_start, self.inter_end = e0, e1, i0, i1
         self.w_gate_up = empty_parameter((e1 - e0, 2 * (i1 - i0), self.hidden_size), self.w_gate_up)  # [El, 2Il, H]
         self.w_down = empty_parameter((e1 - e0, self.hidden_size, i1 - i0), self.w_down)  # [El, H, Il]
+
+    def quantize(self, fmt: WeightFormat) -> None:
+        """Hold the experts' weights (the part `own` kept) in `fmt`; loading fills them."""
+        (e0, e1), (i0, i1), h = (self.expert_start, self.expert_end), (self.inter_start, self.inter_end), \
+            self.hidden_size
+        device, n = self.w_gate_up.device, e1 - e0
+        self.format = fmt
+        self.w_gate_up = nn.Parameter(torch.empty(n, 2 * (i1 - i0), h, dtype=fmt.dtype, device=device),
+                                      requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(n, h, i1 - i0, dtype=fmt.dtype, device=device), requires_grad=False)
+        gate_up_scale = fmt.scale_shape((0, 2 * (i1 - i0)), (0, h))
+        down_scale = fmt.scale_shape((0, h), (i0, i1))
+        self.w_gate_up_scale = nn.Parameter(torch.empty(n, *gate_up_scale, device=device), requires_grad=False)
+        self.w_down_scale = nn.Parameter(torch.empty(n, *down_scale, device=device), requires_grad=False)
+
+    def expert_weights(self) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | QuantWeight]:
+        """(w_gate_up, w_down) as the expert matmuls take them."""
+        if self.format is None:
+            return self.w_gate_up, self.w_down
+        return (self.format.weight(self.w_gate_up, self.w_gate_up_scale, (0, self.hidden_size)),
+                self.format.weight(self.w_down, self.w_down_scale, (self.inter_start, self.inter_end)))
 
     def count_routed(self, ids: torch.Tensor) -> None:
         """Add these top-k choices [T, k] to the per-expert token counts."""
@@ -113,18 +148,20 @@ class FusedMoE(nn.Module):
         num_tokens = x.shape[0]
         if self.exchange is not None:  # every rank joins, with T = 0 too (see ModelRunner.idle_step)
             return self.exchange(self, x, weights, ids)
-        if ops.use_triton(x):  # fused Triton kernels: sorting, grouped GEMMs and weights on the device
+        # Fused Triton kernels (sorting, grouped GEMMs and weights on the device); quantized
+        # experts take the grouped loop below until those kernels read quantized weights.
+        if ops.use_triton(x) and self.format is None:
             self.tokens_routed += torch.bincount(ids.flatten().long(), minlength=self.num_experts).cpu().numpy()
             return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
         sorted_pair_ids, pair_positions, expert_offsets = routing_plan(ids, self.num_experts, self.tokens_routed)
         x_sorted = x[sorted_pair_ids // self.top_k]  # [P, H]
-        y_sorted = expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)  # [P, H]
+        y_sorted = expert_mlp_ref(x_sorted, *self.expert_weights(), expert_offsets)  # [P, H]
         y = y_sorted[pair_positions].view(num_tokens, self.top_k, self.hidden_size)  # [T, k, H]
         return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
 
     def local_expert_mlp(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         """The held experts over rows grouped by local expert: x [Q, H], offsets [El+1] -> [Q, H]."""
-        return expert_mlp_ref(x_sorted, self.w_gate_up, self.w_down, expert_offsets)
+        return expert_mlp_ref(x_sorted, *self.expert_weights(), expert_offsets)
 
     # ---- loading: only the experts and intermediate rows this layer holds are read ------------
 
@@ -142,12 +179,43 @@ class FusedMoE(nn.Module):
             raise ValueError(f"weight experts.{expert}.{part} has shape {source_shape(source)}, expected {full}")
         if not self.expert_start <= expert < self.expert_end:
             return  # another rank's expert: this rank never reads it
-        e, (i0, i1), held = expert - self.expert_start, (self.inter_start, self.inter_end), self.inter_end - self.inter_start
+        e, (i0, i1) = expert - self.expert_start, (self.inter_start, self.inter_end)
+        what = f"experts.{expert}.{part}"
         if part == "down_proj":
-            self.w_down[e].copy_(read(source, (slice(None), slice(i0, i1))))
+            self._store("w_down", e, 0, lambda r, c: read(source, (r, c)), full, (0, self.hidden_size), (i0, i1), what)
         else:
-            rows = slice(0, held) if part == "gate_proj" else slice(held, 2 * held)
-            self.w_gate_up[e, rows].copy_(read(source, (slice(i0, i1), slice(None))))
+            first = 0 if part == "gate_proj" else i1 - i0
+            self._store("w_gate_up", e, first, lambda r, c: read(source, (r, c)), full, (i0, i1), (0, self.hidden_size),
+                        what)
+
+    @torch.no_grad()
+    def load_expert_scale(self, expert: int, part: str, source) -> None:
+        """Copy one expert's weight_scale_inv (an FP8 checkpoint's block scales)."""
+        if self.format is None or not self.format.prequantized:
+            raise ValueError(f"checkpoint weight experts.{expert}.{part}.weight_scale_inv is a quantization scale, "
+                             "but the checkpoint's config.json has no fp8 quantization_config")
+        if not self.expert_start <= expert < self.expert_end:
+            return
+        e, (i0, i1), h, what = expert - self.expert_start, (self.inter_start, self.inter_end), self.hidden_size, \
+            f"experts.{expert}.{part}.weight_scale_inv"
+        if part == "down_proj":
+            self.format.store_scale(self.w_down_scale[e], read(source), (h, self.intermediate_size), (0, h), (i0, i1),
+                                    what)
+        else:
+            rows = slice(0, i1 - i0) if part == "gate_proj" else slice(i1 - i0, 2 * (i1 - i0))
+            self.format.store_scale(self.w_gate_up_scale[e, rows], read(source), (self.intermediate_size, h),
+                                    (i0, i1), (0, h), what)
+
+    def _store(self, name: str, e: int, first: int, read_rc: ReadRC, full: tuple[int, int],
+               rows: tuple[int, int], cols: tuple[int, int], what: str) -> None:
+        """Rows [rows) x cols [cols) of one full expert matrix into local expert e of
+        parameter `name`, at its rows first..: copied, or quantized in this layer's format."""
+        dst = getattr(self, name)[e, first: first + rows[1] - rows[0]]  # [n, k]
+        if self.format is None:
+            dst.copy_(read_rc(slice(*rows), slice(*cols)))
+            return
+        scale = getattr(self, f"{name}_scale")[e, first: first + rows[1] - rows[0]]
+        self.format.store(dst, scale, read_rc, full, rows, cols, what)
 
     @torch.no_grad()
     def load_fused_weight(self, name: str, source) -> None:
@@ -159,12 +227,15 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown fused expert weight {name!r}; expected gate_up_proj or down_proj")
         if source_shape(source) != full[name]:
             raise ValueError(f"weight experts.{name} has shape {source_shape(source)}, expected {full[name]}")
-        if name == "down_proj":
-            self.w_down.copy_(read(source, (slice(e0, e1), slice(None), slice(i0, i1))))
-            return
-        held = i1 - i0
-        self.w_gate_up[:, :held].copy_(read(source, (slice(e0, e1), slice(i0, i1), slice(None))))
-        self.w_gate_up[:, held:].copy_(read(source, (slice(e0, e1), slice(inter + i0, inter + i1), slice(None))))
+        for e in range(e0, e1):
+            what = f"experts.{name}[{e}]"
+            if name == "down_proj":
+                self._store("w_down", e - e0, 0, _expert_reader(source, e), (hidden, inter), (0, hidden), (i0, i1),
+                            what)
+                continue
+            for first, shift in ((0, 0), (i1 - i0, inter)):  # gate rows, then up rows
+                self._store("w_gate_up", e - e0, first, _expert_reader(source, e, shift), (inter, hidden), (i0, i1),
+                            (0, hidden), what)
 
     def extra_repr(self) -> str:
         held = ""
@@ -172,5 +243,7 @@ class FusedMoE(nn.Module):
             held += f", experts_held=[{self.expert_start}, {self.expert_end})"
         if (self.inter_start, self.inter_end) != (0, self.intermediate_size):
             held += f", intermediate_held=[{self.inter_start}, {self.inter_end})"
+        if self.format is not None:
+            held += f", quantized={self.format.kind}"
         return (f"experts={self.num_experts}{held}, top_k={self.top_k}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, renormalize={self.renormalize}")

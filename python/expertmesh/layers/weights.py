@@ -46,8 +46,13 @@ def read(source: Any, index: tuple[slice, ...] | None = None) -> torch.Tensor:
 @torch.no_grad()
 def load(param: torch.Tensor, source: Any, what: str) -> None:
     """Copy the part of checkpoint tensor `source` that `param` holds (all of it by default),
-    casting to the parameter's dtype; a shape that is not the full tensor's is an error."""
+    casting to the parameter's dtype; a shape that is not the full tensor's is an error.
+    A parameter with a `weight_loader` (a quantized weight or its scales) fills itself."""
     want = full_shape(param)
     if source_shape(source) != want:
         raise ValueError(f"checkpoint weight {what!r} has shape {source_shape(source)}, expected {want}")
+    loader = getattr(param, "weight_loader", None)
+    if loader is not None:
+        loader(source, what)
+        return
     param.copy_(read(source, getattr(param, "held_index", None)))

@@ -8,7 +8,8 @@ checkpoint's weights or swap the MLP.
 Parameter names follow the HF checkpoints (model.layers.N.self_attn.q_proj.weight, ...), so
 loading is mostly a lookup. Experts are the exception: the checkpoint holds them per expert
 (mlp.experts.J.{gate,up,down}_proj.weight) or fused (mlp.experts.{gate_up_proj,down_proj});
-both land in FusedMoE's w_gate_up / w_down.
+both land in FusedMoE's w_gate_up / w_down. An FP8 checkpoint adds a `weight_scale_inv` beside
+each quantized weight; it loads into the layer's `weight_scale` (quant/format.py).
 
 Legend: T tokens, H hidden, NH/NKV heads, D head dim, V vocab, S sampled rows, E experts.
 """
@@ -32,7 +33,8 @@ from expertmesh.layers.weights import load
 from expertmesh.models.arch_config import DecoderConfig
 
 _EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$")
 _FUSED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -158,6 +160,7 @@ class MoeForCausalLM(nn.Module):
         cfg = self.config_from_hf(hf_config)
         self.config = cfg
         self._dtype = dtype
+        self.quant_config: Any = None  # the QuantConfig its weights are held in (set by models/loader.py)
         self.model = DecoderStack(cfg, [self.make_mlp(cfg, i, dtype) for i in range(cfg.num_layers)], dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
         if cfg.tie_word_embeddings:
@@ -210,13 +213,17 @@ class MoeForCausalLM(nn.Module):
     def expected_weights(self) -> set[str]:
         """Every weight a checkpoint must provide, experts listed one projection at a time."""
         names = set()
-        for name, _ in self.named_parameters():  # tied lm_head appears once, as the embedding
-            if name.endswith((".w_gate_up", ".w_down")):
+        for name, param in self.named_parameters():  # tied lm_head appears once, as the embedding
+            if name.endswith((".w_gate_up", ".w_down", "_scale")) and not name.endswith(".weight_scale"):
                 continue
-            names.add(name)
+            if getattr(param, "from_checkpoint", True):  # not scales computed at load time
+                names.add(name)
         for prefix, module in self.named_modules():
             if isinstance(module, FusedMoE):
-                names.update(f"{prefix}.experts.{e}.{p}" for e in range(module.num_experts) for p in _EXPERT_PARTS)
+                kinds = ("weight", "weight_scale") if module.format is not None and module.format.prequantized \
+                    else ("weight",)
+                names.update(f"{prefix}.experts.{e}.{p}.{kind}" for e in range(module.num_experts)
+                             for p in _EXPERT_PARTS for kind in kinds)
         return names
 
     @torch.no_grad()
@@ -232,15 +239,17 @@ class MoeForCausalLM(nn.Module):
             if raw_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied to the embedding; some tied checkpoints still store a copy
             name = self.rename_weight(raw_name)
+            name = name.removesuffix("_inv") if name.endswith(".weight_scale_inv") else name
             if m := _PER_EXPERT.match(name):
                 moe = self._moe_at(modules, m.group(1), raw_name)
-                moe.load_expert_weight(int(m.group(2)), m.group(3), tensor)
-                pending.discard(f"{m.group(1)}.experts.{m.group(2)}.{m.group(3)}")
+                load_part = moe.load_expert_weight if m.group(4) == "weight" else moe.load_expert_scale
+                load_part(int(m.group(2)), m.group(3), tensor)
+                pending.discard(f"{m.group(1)}.experts.{m.group(2)}.{m.group(3)}.{m.group(4)}")
             elif m := _FUSED_EXPERTS.match(name):
                 moe = self._moe_at(modules, m.group(1), raw_name)
                 moe.load_fused_weight(m.group(2), tensor)
-                for e in range(moe.num_experts):
-                    pending.difference_update(f"{m.group(1)}.experts.{e}.{p}" for p in _FUSED_PARTS[m.group(2)])
+                pending.difference_update(f"{m.group(1)}.experts.{e}.{p}.weight" for e in range(moe.num_experts)
+                                          for p in _FUSED_PARTS[m.group(2)])
             elif name in params:
                 load(params[name], tensor, raw_name)  # only the part the parameter holds is read
                 pending.discard(name)

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from expertmesh.models.decoder import MoeForCausalLM
 from expertmesh.models.registry import get_model_class
+from expertmesh.quant.apply import apply_quantization
+from expertmesh.quant.config import QuantConfig, resolve_quantization
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -107,15 +109,19 @@ def load_model(
     device: str | torch.device = "cpu",
     show_progress: bool = True,
     shard: Callable[[MoeForCausalLM], None] | None = None,
+    quantization: str | None = None,
 ) -> tuple[MoeForCausalLM, dict[str, Any]]:
     """Build the model config.json names and fill it from the checkpoint.
 
     `shard`, if given, runs between building and loading: it may make layers hold only part of
-    their weights (parallel/apply.py), and loading then reads only those parts.
+    their weights (parallel/apply.py), and loading then reads only those parts. Then layers
+    quantize (quant/apply.py) as `quantization` ("int8", "fp8") or the checkpoint's
+    quantization_config asks; the model's `quant_config` says which (None: full precision).
     Returns (model in eval mode, the config.json dict).
     """
     hf_config = read_hf_config(model_path)
     model_cls = get_model_class(hf_config)
+    quant: QuantConfig | None = resolve_quantization(quantization, hf_config)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     weight_files(model_path)  # fail on missing weight files before allocating the model
@@ -123,5 +129,8 @@ def load_model(
         model = model_cls(hf_config, dtype=torch_dtype)
         if shard is not None:
             shard(model)
+        if quant is not None:
+            apply_quantization(model, quant)
+    model.quant_config = quant
     model.load_weights(iterate_weights(model_path, show_progress=show_progress))
     return model.eval(), hf_config

@@ -13,7 +13,7 @@ from typing import Any
 from expertmesh.models.arch_config import DecoderConfig, check_activation, common_fields, require
 from expertmesh.models.decoder import MoeForCausalLM
 
-_EXPERT_PROJ = re.compile(r"\.experts\.(\d+)\.w([123])\.weight$")
+_EXPERT_PROJ = re.compile(r"\.experts\.(\d+)\.w([123])\.(weight|weight_scale_inv)$")
 _W_TO_PART = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 
 
@@ -36,4 +36,4 @@ class MixtralForCausalLM(MoeForCausalLM):
 
     def rename_weight(self, name: str) -> str:
         name = name.replace(".block_sparse_moe.", ".mlp.")
-        return _EXPERT_PROJ.sub(lambda m: f".experts.{m.group(1)}.{_W_TO_PART[m.group(2)]}.weight", name)
+        return _EXPERT_PROJ.sub(lambda m: f".experts.{m.group(1)}.{_W_TO_PART[m.group(2)]}.{m.group(3)}", name)

@@ -51,6 +51,13 @@ class _EngineCollector:
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.get("prefix_cache_hits", 0))
         yield counter("num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.",
                       s.get("num_preemptions", 0))
+        if "weight_bytes" in s:  # this rank's weights, quantized values and scales included
+            weights = GaugeMetricFamily("expertmesh:model_weight_bytes", "Bytes of model weights on rank 0, by "
+                                        "quantization (none = full precision).",
+                                        labels=["model_name", "quantization"])
+            weights.add_metric([self._model, s.get("quantization") or "none"], s["weight_bytes"])
+            yield weights
+            yield gauge("kv_cache_blocks", "KV-cache blocks the engine holds.", blocks)
         layout = s.get("layout")
         if layout:
             sizes = GaugeMetricFamily("expertmesh:parallel_size", "Ranks of each parallel dimension.",

@@ -1,0 +1,70 @@
+//! Python wrapper of the CPU fp8 linear layer (kernels/expertmesh_kernels/quant.py's launcher).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use super::py_err;
+use crate::attention_item::{Bf16, Elem};
+use crate::error::CoreResult;
+use crate::fp8_linear::Fp8Weight;
+
+/// The call's shapes: (M, N, K, block_k, col_offset).
+type Dims = (usize, usize, usize, usize, usize);
+
+/// Runs the kernel on element type `T` (GIL released by the caller).
+///
+/// # Safety
+/// Each address must point to a live, contiguous CPU buffer of the size the dims imply
+/// (out, x: `T`; q: bytes; scale: f32), `out` not read or written by anything else meanwhile.
+unsafe fn run<T: Elem>(
+    out: usize,
+    x: usize,
+    q: usize,
+    scale: usize,
+    dims: Dims,
+    threads: usize,
+) -> CoreResult<()> {
+    let (m, n, k, block_k, col_offset) = dims;
+    let kb = if block_k == 0 {
+        0
+    } else {
+        (col_offset + k).div_ceil(block_k)
+    };
+    let w = Fp8Weight {
+        q: std::slice::from_raw_parts(q as *const u8, n * k),
+        scale: std::slice::from_raw_parts(scale as *const f32, n * kb),
+        n,
+        k,
+        block_k,
+        col_offset,
+    };
+    let x = std::slice::from_raw_parts(x as *const T, m * k);
+    let out = std::slice::from_raw_parts_mut(out as *mut T, m * n);
+    w.linear(x, m, out, threads)
+}
+
+/// y = x · deq(q)ᵀ over tensors given by address; see `_core.pyi`.
+#[pyfunction]
+#[pyo3(signature = (dtype, out, x, q, scale, dims, threads=1))]
+pub(super) fn fp8_linear(
+    py: Python<'_>,
+    dtype: &str,
+    out: usize,
+    x: usize,
+    q: usize,
+    scale: usize,
+    dims: Dims,
+    threads: usize,
+) -> PyResult<()> {
+    // SAFETY (both arms): the launcher passes contiguous CPU tensors of this dtype and shapes.
+    let result = match dtype {
+        "float32" => py.detach(|| unsafe { run::<f32>(out, x, q, scale, dims, threads) }),
+        "bfloat16" => py.detach(|| unsafe { run::<Bf16>(out, x, q, scale, dims, threads) }),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "dtype must be \"float32\" or \"bfloat16\", got {other:?}"
+            )))
+        }
+    };
+    result.map_err(py_err)
+}
