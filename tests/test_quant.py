@@ -25,7 +25,7 @@ import torch
 
 from expertmesh import LLM, InvalidRequestError
 from expertmesh.models.loader import load_model
-from expertmesh_kernels.quant import (QuantWeight, dequantize_ref, fp8_linear_cpu, int8_linear_cpu,
+from expertmesh_kernels.quant import (QuantWeight, dequantize_ref, quant_linear_cpu, int8_linear_cpu,
                                       quant_linear_ref, quantize_fp8_blocks, quantize_int8)
 from model_factory import add_default_tokenizer, make_checkpoint
 from quant_util import dequantize, dequantized_checkpoint, fp8_checkpoint, quantized
@@ -68,24 +68,29 @@ def test_cpu_int8_kernel_matches_the_reference_in_bf16():
     assert (got - x.bfloat16().float() @ w.T - bias).abs().max() < 0.05 * got.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("m, n, k, col_offset", [(1, 5, 17, 0), (7, 37, 100, 32), (33, 64, 256, 5)])
-def test_cpu_fp8_kernel_matches_the_reference(m, n, k, col_offset):
-    """The Rust core's fp8 linear (rows dequantized 4 at a time, fp32 FMAs) against the
-    reference, with blocks of 48 that a column offset shifts and edge blocks left partial."""
+def test_cpu_core_kernel_matches_the_reference(kind, m, n, k, col_offset):
+    """The Rust core's quantized linear (rows dequantized 4 at a time, fp32 FMAs) against the
+    reference: fp8 with blocks of 48 that a column offset shifts and edge blocks left partial,
+    int8 with its per-row scales."""
     from expertmesh_kernels.cpu_attention import _core
 
     assert _core() is not None  # else the test would compare the reference with itself
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(n, col_offset + k, generator=gen)
-    q, blocks = quantize_fp8_blocks(w, (1, 48))  # one row per block: each row its own scales
-    qw = QuantWeight("fp8", q[:, col_offset:].contiguous(), blocks[:, col_offset // 48:].contiguous(), 48,
-                     col_offset % 48)
+    if kind == "fp8":
+        q, blocks = quantize_fp8_blocks(w, (1, 48))  # one row per block: each row its own scales
+        qw = QuantWeight("fp8", q[:, col_offset:].contiguous(), blocks[:, col_offset // 48:].contiguous(), 48,
+                         col_offset % 48)
+    else:
+        qw = QuantWeight("int8", *quantize_int8(w[:, col_offset:]))
     x = torch.randn(m, k, generator=gen)
-    torch.testing.assert_close(fp8_linear_cpu(x, qw), quant_linear_ref(x, qw), atol=1e-4, rtol=1e-5)
-    got, want = fp8_linear_cpu(x.bfloat16(), qw).float(), quant_linear_ref(x.bfloat16(), qw).float()
+    torch.testing.assert_close(quant_linear_cpu(x, qw), quant_linear_ref(x, qw), atol=1e-4, rtol=1e-5)
+    got, want = quant_linear_cpu(x.bfloat16(), qw).float(), quant_linear_ref(x.bfloat16(), qw).float()
     torch.testing.assert_close(got, want, atol=1e-3, rtol=2**-8)  # one bf16 rounding of each
     with pytest.raises(ValueError, match=r"x \[T, K\] and a weight \[N, K\]"):
-        fp8_linear_cpu(x[:, 1:], qw)
+        quant_linear_cpu(x[:, 1:], qw)
 
 
 def test_a_misapplied_scale_is_far_outside_the_tolerance():

@@ -131,6 +131,6 @@ def quant_linear(x, w, bias=None):
 
     if x.is_cuda:
         return quant.quant_linear_ref(x, w, bias)
-    if w.kind == "int8":
+    if w.kind == "int8" and x.shape[0] <= quant.INT8_TORCH_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16):
         return quant.int8_linear_cpu(x, w, bias)
-    return quant.fp8_linear_cpu(x, w, bias)
+    return quant.quant_linear_cpu(x, w, bias)

@@ -13,13 +13,13 @@ rows of each block, so a layer holding any row range of a matrix (tensor paralle
 exactly the scales its rows use (3% of the fp8 bytes at K-blocks of 128); `col_offset` places
 a held column range that does not start on a block boundary.
 
-Activations stay in the model's dtype. On the CPU, bf16/fp16 activations with int8 weights run
-torch's int8-weight kernel (`_weight_int8pack_mm`: 3-4x bf16 F.linear on the 2-core AVX-512 VM
-at 16-128 rows, bench/quant/); fp32 activations take the reference (exact; torch's int8 kernel
-is 15x slower in fp32 there). fp8 runs in the Rust core (expertmesh._core.fp8_linear,
-rust/src/fp8_linear.rs: dequantized 4 rows at a time into L1, fp32 FMAs), because torch
-converts fp8 one element at a time on the CPU. On CUDA both take the reference until the
-Triton kernels read quantized weights: dequantize, then one matmul.
+Activations stay in the model's dtype. On the CPU both kinds run in the Rust core
+(expertmesh._core.quant_linear, rust/src/quant_linear.rs: weight rows dequantized 4 at a time
+into L1, fp32 FMAs, fp32 and bf16 activations), because torch converts fp8 one element at a
+time on the CPU and its int8-weight kernel (`_weight_int8pack_mm`) falls behind from about 8
+rows; up to INT8_TORCH_MAX_ROWS rows of bf16/fp16 activations int8 takes torch's kernel,
+which is faster there. On CUDA both take the reference until the Triton kernels read
+quantized weights: dequantize, then one matmul.
 
 Legend: T tokens, K input features, N output features, KB K-blocks, E stacked matrices.
 """
@@ -35,6 +35,9 @@ KINDS = ("int8", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127
+# Rows up to which torch's int8 kernel beats the core's for bf16/fp16 x (2-core AVX2 VM, 4096x1024
+# and 1024x2048 weights: torch 0.68 vs 0.85 ms at 4 rows, core 1.33 vs 1.60 ms at 8; bench/quant/).
+INT8_TORCH_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -132,21 +135,23 @@ def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
 _CORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-def fp8_linear_cpu(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8 block-scaled weight on the CPU: x [T, K] -> [T, N], in the Rust core's kernel for fp32
-    and bf16 x (others, or without the core: the reference)."""
+def quant_linear_cpu(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Rust core's kernel for fp32 and bf16 x [T, K] -> [T, N] (other dtypes, or without
+    the core: the reference). int8 is its one-block-per-row case."""
     from expertmesh_kernels.cpu_attention import _core
 
     core = _core()
-    if core is None or x.dtype not in _CORE_DTYPES or x.device.type != "cpu" or w.kind != "fp8":
+    if core is None or x.dtype not in _CORE_DTYPES or x.device.type != "cpu":
         return quant_linear_ref(x, w, bias)
     if x.dim() != 2 or w.q.dim() != 2 or x.shape[1] != w.q.shape[1]:
-        raise ValueError(f"fp8 linear takes x [T, K] and a weight [N, K]; got {tuple(x.shape)} and {tuple(w.q.shape)}")
+        raise ValueError(f"quantized linear takes x [T, K] and a weight [N, K]; got {tuple(x.shape)} and "
+                         f"{tuple(w.q.shape)}")
     if not (w.q.is_contiguous() and w.scale.is_contiguous() and w.scale.dtype == torch.float32):
-        raise ValueError("fp8 weight values and fp32 scales must be contiguous (the kernel reads them in place)")
+        raise ValueError("quantized weight values and fp32 scales must be contiguous (the kernel reads them in place)")
     x = x.contiguous()
     (m, k), n = x.shape, w.q.shape[0]
+    block_k, col_offset = (w.block_k, w.col_offset) if w.kind == "fp8" else (max(k, 1), 0)
     out = torch.empty(m, n, dtype=x.dtype)
-    core.fp8_linear(_CORE_DTYPES[x.dtype], out.data_ptr(), x.data_ptr(), w.q.data_ptr(), w.scale.data_ptr(),
-                    (m, n, k, w.block_k, w.col_offset), torch.get_num_threads())
+    core.quant_linear(w.kind, _CORE_DTYPES[x.dtype], out.data_ptr(), x.data_ptr(), w.q.data_ptr(),
+                      w.scale.data_ptr(), (m, n, k, block_k, col_offset), torch.get_num_threads())
     return out if bias is None else out + bias.to(out.dtype)

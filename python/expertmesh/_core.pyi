@@ -17,7 +17,7 @@ from expertmesh.errors import CoreError as CoreError
 __all__ = [
     "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
-    "ShmRows", "MoeDispatch", "paged_attention", "fp8_linear", "use_openmp",
+    "ShmRows", "MoeDispatch", "paged_attention", "quant_linear", "use_openmp",
 ]
 
 _IntArray = npt.NDArray[np.integer[Any]]
@@ -345,7 +345,8 @@ class ShmRows:
         """out[index[j]] += received packed f32 row j, sources in rank order. CoreError for an
         index out of range."""
 
-def fp8_linear(
+def quant_linear(
+    code: str,
     dtype: str,
     out: int,
     x: int,
@@ -354,8 +355,9 @@ def fp8_linear(
     dims: tuple[int, int, int, int, int],
     threads: int = 1,
 ) -> None:
-    """out [M, N] = x [M, K] @ dequant(q).T for an fp8 e4m3 weight q [N, K] with scales
-    [N, KB] (row n's scale for K-block b; dims = (M, N, K, block_k, col_offset)), on the CPU.
+    """out [M, N] = x [M, K] @ dequant(q).T for a quantized weight q [N, K] with scales [N, KB]
+    (row n's scale for K-block b; dims = (M, N, K, block_k, col_offset)), on the CPU. ``code``
+    says what q's bytes are: "fp8" (e4m3fn) or "int8" (then one block per row: block_k = K).
 
     ``out``, ``x`` (``dtype``: "float32" or "bfloat16"), ``q`` (bytes) and ``scale`` (fp32) are
     addresses of contiguous CPU tensors. Use expertmesh_kernels.quant, which checks them; this

@@ -18,7 +18,7 @@
 //!   [`attention_tile`], its AVX-512 version in
 //!   `attention_avx512`; worker threads in
 //!   [`cpu_pool`].
-//! - [`fp8_linear`]: a linear layer with fp8 e4m3 block-scaled weights on the CPU.
+//! - [`quant_linear`]: a linear layer with int8 or fp8 (e4m3, block scales) weights on the CPU.
 //! - `py` (feature `python`): the PyO3 module `expertmesh._core` (rust/src/py/, one file per
 //!   area); the only code using pyo3.
 
@@ -32,11 +32,11 @@ pub mod block_hash;
 pub mod block_pool;
 pub mod cpu_pool;
 pub mod error;
-pub mod fp8_linear;
 mod free_queue;
 pub mod kv_transfer;
 pub mod moe_exchange;
 pub mod paged_attention;
+pub mod quant_linear;
 pub mod request;
 pub mod routing;
 mod schedule_step;

@@ -10,8 +10,8 @@ use crate::error::{check_at_least, CoreError as RustCoreError};
 use crate::request::MAX_TOKEN_ID;
 
 mod attention;
-mod fp8;
 mod moe;
+mod quant;
 mod scheduler;
 mod shm;
 
@@ -88,7 +88,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_dispatch, m)?)?;
     m.add_function(wrap_pyfunction!(plan_receive, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_attention, m)?)?;
-    m.add_function(wrap_pyfunction!(fp8::fp8_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_linear, m)?)?;
     m.add_function(wrap_pyfunction!(attention::use_openmp, m)?)?;
     // setattr, not add: keeps the test hook out of __all__.
     m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;

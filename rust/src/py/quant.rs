@@ -1,4 +1,4 @@
-//! Python wrapper of the CPU fp8 linear layer (kernels/expertmesh_kernels/quant.py's launcher).
+//! Python wrapper of the CPU quantized linear layer (kernels/expertmesh_kernels/quant.py's launcher).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use super::py_err;
 use crate::attention_item::{Bf16, Elem};
 use crate::error::CoreResult;
-use crate::fp8_linear::Fp8Weight;
+use crate::quant_linear::{Code, QuantWeight};
 
 /// The call's shapes: (M, N, K, block_k, col_offset).
 type Dims = (usize, usize, usize, usize, usize);
@@ -17,6 +17,7 @@ type Dims = (usize, usize, usize, usize, usize);
 /// Each address must point to a live, contiguous CPU buffer of the size the dims imply
 /// (out, x: `T`; q: bytes; scale: f32), `out` not read or written by anything else meanwhile.
 unsafe fn run<T: Elem>(
+    code: Code,
     out: usize,
     x: usize,
     q: usize,
@@ -30,7 +31,8 @@ unsafe fn run<T: Elem>(
     } else {
         (col_offset + k).div_ceil(block_k)
     };
-    let w = Fp8Weight {
+    let w = QuantWeight {
+        code,
         q: std::slice::from_raw_parts(q as *const u8, n * k),
         scale: std::slice::from_raw_parts(scale as *const f32, n * kb),
         n,
@@ -45,9 +47,11 @@ unsafe fn run<T: Elem>(
 
 /// y = x · deq(q)ᵀ over tensors given by address; see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (dtype, out, x, q, scale, dims, threads=1))]
-pub(super) fn fp8_linear(
+#[pyo3(signature = (code, dtype, out, x, q, scale, dims, threads=1))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn quant_linear(
     py: Python<'_>,
+    code: &str,
     dtype: &str,
     out: usize,
     x: usize,
@@ -56,10 +60,19 @@ pub(super) fn fp8_linear(
     dims: Dims,
     threads: usize,
 ) -> PyResult<()> {
+    let code = match code {
+        "fp8" => Code::E4m3,
+        "int8" => Code::Int8,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "code must be \"fp8\" or \"int8\", got {other:?}"
+            )))
+        }
+    };
     // SAFETY (both arms): the launcher passes contiguous CPU tensors of this dtype and shapes.
     let result = match dtype {
-        "float32" => py.detach(|| unsafe { run::<f32>(out, x, q, scale, dims, threads) }),
-        "bfloat16" => py.detach(|| unsafe { run::<Bf16>(out, x, q, scale, dims, threads) }),
+        "float32" => py.detach(|| unsafe { run::<f32>(code, out, x, q, scale, dims, threads) }),
+        "bfloat16" => py.detach(|| unsafe { run::<Bf16>(code, out, x, q, scale, dims, threads) }),
         other => {
             return Err(PyValueError::new_err(format!(
                 "dtype must be \"float32\" or \"bfloat16\", got {other:?}"

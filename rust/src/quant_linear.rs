@@ -1,14 +1,14 @@
-//! A linear layer whose weight is fp8 e4m3 with block scales, on the CPU: y = x · deq(q)ᵀ,
-//! deq(q)[n][c] = e4m3(q[n][c]) · scale[n][(c + col_offset) / block_k]
-//! (the layout of kernels/expertmesh_kernels/quant.py: one scale per row and K-block).
+//! A linear layer with a weight-only quantized weight on the CPU: y = x · deq(q)ᵀ, where
+//! deq(q)[n][c] = value(q[n][c]) · scale[n][(c + col_offset) / block_k] and the codes are
+//! fp8 e4m3 (block scales) or int8 (one scale per row: one block as wide as the row) -- the
+//! layouts of kernels/expertmesh_kernels/quant.py.
 //!
 //! Why here: torch converts fp8 to wider types one element at a time on the CPU (13 ms for a
-//! 4096x1024 weight on the 2-core VM), so dequantizing in torch costs more than the matmul.
-//! Here 4 weight rows at a time are dequantized into an L1-sized fp32 buffer (the e4m3 bits
-//! moved into an fp32's exponent and mantissa, then one multiply by 2^120 and the scale) and
-//! every row of x is multiplied with them before the next 4 are read: the weight is read from
-//! memory once, as bytes, whatever M is. Accumulation is fp32; the output is rounded once.
-//! NaN codes (0x7f, 0xff; never produced by quantization) read as ±480.
+//! 4096x1024 weight on the 2-core VM), and its int8-weight kernel slows down as rows grow
+//! (bench/quant/). Here 4 weight rows at a time are dequantized into an L1-sized fp32 buffer
+//! and every row of x is multiplied with them before the next 4 are read: the weight is read
+//! from memory once, as bytes, whatever M is. Accumulation is fp32; the output is rounded once.
+//! e4m3 NaN codes (0x7f, 0xff; never produced by quantization) read as ±480.
 
 use crate::attention_item::Elem;
 use crate::cpu_pool::for_each_index;
@@ -21,9 +21,21 @@ const XROWS: usize = 3;
 /// Weight rows per parallel task.
 const TASK_ROWS: usize = 32;
 
-/// An fp8 weight [N, K] with its block scales, borrowed from the caller's tensors.
-pub struct Fp8Weight<'a> {
-    /// e4m3fn codes [N, K], row-major.
+/// What the weight's bytes encode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// fp8 e4m3fn.
+    E4m3,
+    /// Signed 8-bit integers.
+    Int8,
+}
+
+/// A quantized weight [N, K] with its scales, borrowed from the caller's tensors.
+#[derive(Clone, Copy)]
+pub struct QuantWeight<'a> {
+    /// What each byte of `q` encodes.
+    pub code: Code,
+    /// Codes [N, K], row-major.
     pub q: &'a [u8],
     /// Scales [N, KB]: row n's scale for its K-block b.
     pub scale: &'a [f32],
@@ -44,7 +56,16 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
     f32::from_bits(bits) * f32::from_bits(0x7b80_0000) // 2^120 moves the exponent bias from 127 to 7
 }
 
-impl Fp8Weight<'_> {
+/// One code as fp32 (exact).
+#[inline(always)]
+fn decode(code: Code, byte: u8) -> f32 {
+    match code {
+        Code::E4m3 => e4m3_to_f32(byte),
+        Code::Int8 => f32::from(byte as i8),
+    }
+}
+
+impl QuantWeight<'_> {
     /// K-blocks per row.
     pub fn num_blocks(&self) -> usize {
         (self.col_offset + self.k).div_ceil(self.block_k)
@@ -77,8 +98,8 @@ impl Fp8Weight<'_> {
     fn dequantize_row(&self, row: usize, dst: &mut [f32]) {
         let codes = &self.q[row * self.k..][..self.k];
         self.for_each_segment(row, |c, end, s| {
-            for (d, &code) in dst[c..end].iter_mut().zip(&codes[c..end]) {
-                *d = e4m3_to_f32(code) * s;
+            for (d, &byte) in dst[c..end].iter_mut().zip(&codes[c..end]) {
+                *d = decode(self.code, byte) * s;
             }
         });
     }
@@ -101,7 +122,11 @@ impl Fp8Weight<'_> {
         for (r, dst) in w.chunks_exact_mut(kp).enumerate() {
             if r < rows {
                 self.for_each_segment(n0 + r, |c, end, s| {
-                    avx2::dequantize(&self.q[(n0 + r) * self.k..][c..end], s, &mut dst[c..end])
+                    let (codes, dst) = (&self.q[(n0 + r) * self.k..][c..end], &mut dst[c..end]);
+                    match self.code {
+                        Code::E4m3 => avx2::dequantize_e4m3(codes, s, dst),
+                        Code::Int8 => avx2::dequantize_int8(codes, s, dst),
+                    }
                 });
             } else {
                 dst.fill(0.0);
@@ -283,10 +308,31 @@ mod avx2 {
         }
     }
 
+    /// dst = codes (int8) * scale, 8 codes per step.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn dequantize_int8(codes: &[u8], scale: f32, dst: &mut [f32]) {
+        let n = codes.len().min(dst.len());
+        let s = _mm256_set1_ps(scale);
+        let mut c = 0;
+        while c + 8 <= n {
+            let ints =
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.as_ptr().add(c) as *const __m128i));
+            _mm256_storeu_ps(
+                dst.as_mut_ptr().add(c),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(ints), s),
+            );
+            c += 8;
+        }
+        for i in c..n {
+            dst[i] = f32::from(codes[i] as i8) * scale;
+        }
+    }
+
     /// dst = e4m3(codes) * scale, 8 codes per step.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub(super) unsafe fn dequantize(codes: &[u8], scale: f32, dst: &mut [f32]) {
+    pub(super) unsafe fn dequantize_e4m3(codes: &[u8], scale: f32, dst: &mut [f32]) {
         let n = codes.len().min(dst.len());
         // e4m3 -> fp16 is a shift (seee emmm -> s0eeeemmm0000000: the value times 2^-8, fp16
         // subnormals included), and F16C converts fp16 to fp32 in hardware. Moving the bits into
@@ -346,14 +392,14 @@ mod tests {
         }
     }
 
-    fn reference(w: &Fp8Weight<'_>, x: &[f64], m: usize) -> Vec<f64> {
+    fn reference(w: &QuantWeight<'_>, x: &[f64], m: usize) -> Vec<f64> {
         let mut out = vec![0f64; m * w.n];
         for i in 0..m {
             for n in 0..w.n {
                 out[i * w.n + n] = (0..w.k)
                     .map(|c| {
                         let s = w.scale[n * w.num_blocks() + (c + w.col_offset) / w.block_k];
-                        x[i * w.k + c] * f64::from(e4m3_to_f32(w.q[n * w.k + c])) * f64::from(s)
+                        x[i * w.k + c] * f64::from(decode(w.code, w.q[n * w.k + c])) * f64::from(s)
                     })
                     .sum();
             }
@@ -375,13 +421,22 @@ mod tests {
     }
 
     #[test]
+    fn int8_codes_decode_as_signed_bytes() {
+        assert_eq!(decode(Code::Int8, 0x81), -127.0);
+        assert_eq!(decode(Code::Int8, 0x7f), 127.0);
+    }
+
+    #[test]
     fn linear_matches_the_f64_reference_for_odd_shapes_offsets_and_threads() {
-        for &(m, n, k, block_k, col_offset) in &[
-            (1, 1, 1, 1, 0),
-            (3, 5, 17, 4, 3),
-            (7, 37, 100, 48, 32),
-            (13, 64, 256, 128, 0),
-            (6, 9, 33, 16, 15),
+        // int8 is the same layout with one block per row (block_k = K, scale [N, 1]).
+        for &(code, m, n, k, block_k, col_offset) in &[
+            (Code::E4m3, 1, 1, 1, 1, 0),
+            (Code::E4m3, 3, 5, 17, 4, 3),
+            (Code::E4m3, 7, 37, 100, 48, 32),
+            (Code::E4m3, 13, 64, 256, 128, 0),
+            (Code::E4m3, 6, 9, 33, 16, 15),
+            (Code::Int8, 5, 11, 70, 70, 0),
+            (Code::Int8, 4, 8, 256, 256, 0),
         ] {
             let q: Vec<u8> = values(n * k, 1)
                 .iter()
@@ -392,7 +447,8 @@ mod tests {
                 .iter()
                 .map(|v| 0.01 + (v % 100) as f32 / 1000.0)
                 .collect();
-            let w = Fp8Weight {
+            let w = QuantWeight {
+                code,
                 q: &q,
                 scale: &scale,
                 n,
@@ -435,7 +491,8 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors_naming_the_sizes() {
         let (q, scale) = (vec![0u8; 12], vec![1f32; 3]);
-        let w = Fp8Weight {
+        let w = QuantWeight {
+            code: Code::E4m3,
             q: &q,
             scale: &scale,
             n: 3,
@@ -445,13 +502,13 @@ mod tests {
         };
         let err = w.linear(&[0f32; 7], 2, &mut [0f32; 6], 1).unwrap_err();
         assert_eq!(err.to_string(), "x (M x K) must have 8 elements, got 7");
-        let bad = Fp8Weight { col_offset: 4, ..w };
+        let bad = QuantWeight { col_offset: 4, ..w };
         assert!(bad
             .linear(&[0f32; 8], 2, &mut [0f32; 6], 1)
             .unwrap_err()
             .to_string()
             .contains("col_offset"));
-        let short = Fp8Weight {
+        let short = QuantWeight {
             scale: &scale[..2],
             ..w
         };
