@@ -159,6 +159,21 @@ def test_idle_longer_than_the_collective_timeout_keeps_the_ranks_alive(mixtral_d
         assert _run(llm, [[5, 6, 7], [8, 9, 10]]) == first
 
 
+def test_a_rank_dying_at_start_up_fails_the_launch_at_once_and_the_next_launch_works(mixtral_dir, tmp_path,
+                                                                                      monkeypatch):
+    # Rank 0 watches the ranks it spawned while it waits for them to join; a failed launch must
+    # leave nothing behind that breaks the next one from the same process.
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '1':\n    os._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    with pytest.raises(CollectiveError, match=r"rank 1 \(pid \d+\) exited with code 3"):
+        LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2)
+    assert time.monotonic() - start < 30  # not the 60 s collective timeout
+    monkeypatch.undo()
+    with LLM(str(mixtral_dir), show_progress=False, expert_parallel_size=2, ep_timeout_s=2) as llm:
+        assert _run(llm, [[5, 6, 7]])[0][0]  # tokens came back
+
+
 @pytest.mark.parametrize("layout", [["--ep", "2"], ["-tp", "2"]])
 def test_torchrun_launch_equals_single_rank(mixtral_dir, tmp_path, layout):
     # Under torchrun every process runs the CLI; ranks form their groups from the env://

@@ -64,12 +64,11 @@ def make_engine(config: EngineConfig) -> Engine:
         info = RankInfo(0, layout.world_size, "127.0.0.1", free_port())
         procs = spawn_workers(config, info, "expertmesh.engine.rank_worker")
     try:
-        setup = setup_rank(config, info)
+        setup = setup_rank(config, info, procs)
     except BaseException:
         for proc in procs:
             proc.kill()
         raise
-    setup.procs = procs
     if info.rank != 0:
         run_rank(config, setup)
         raise SystemExit(0)

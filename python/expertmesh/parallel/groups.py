@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from expertmesh.errors import CollectiveError
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ def free_port() -> int:
 
 
 CONTROL_TIMEOUT_S = 7 * 24 * 3600
+# Ranks must all join within this: a spawned rank imports torch and its model code first, which
+# on a loaded host takes far longer than a collective's timeout allows.
+STARTUP_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -75,18 +82,42 @@ class Groups:
     leaders: dist.ProcessGroup | None = None
 
 
-def init_groups(info: RankInfo, device: torch.device, timeout_s: float, tp_size: int = 1) -> Groups:
+def join_store(info: RankInfo, timeout_s: float, check_peers: Callable[[], None] | None = None,
+               startup_timeout_s: float = STARTUP_TIMEOUT_S) -> dist.Store:
+    """The rendezvous store, once all ranks have joined it (rank 0 hosts it unless torchrun's agent
+    does). While it waits, rank 0 calls `check_peers` (which raises if a rank it spawned died), so a
+    rank that fails at start-up fails the launch at once instead of after the timeout.
+
+    The rendezvous happens here rather than inside init_process_group because a rendezvous that
+    fails there still advances torch's group counter, and every later launch from the same process
+    then names its groups differently from its fresh ranks and hangs."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=info.rank == 0 and not agent,
+                         timeout=timedelta(seconds=startup_timeout_s), wait_for_workers=False)
+    store = dist.PrefixStore(f"expertmesh/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    joined = store.add("joined", 1)
+    deadline = time.monotonic() + startup_timeout_s
+    while joined < info.world_size:
+        if check_peers is not None:
+            check_peers()
+        if time.monotonic() > deadline:
+            raise CollectiveError(f"{joined} of {info.world_size} ranks joined the rendezvous at "
+                                  f"{info.master_addr}:{info.master_port} within {startup_timeout_s:g} s")
+        time.sleep(0.02)
+        joined = store.add("joined", 0)
+    store.set_timeout(timedelta(seconds=timeout_s))
+    return store
+
+
+def init_groups(info: RankInfo, device: torch.device, timeout_s: float, tp_size: int = 1,
+                check_peers: Callable[[], None] | None = None) -> Groups:
     """Join the default group (gloo on CPU, NCCL on CUDA), make the gloo control group and,
     with tp_size > 1, every replica's TP groups and the leaders' group (all ranks make all of
     them, in the same order, as torch.distributed requires)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{info.master_addr}:{info.master_port}",
-        rank=info.rank,
-        world_size=info.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    store = join_store(info, timeout_s, check_peers)
+    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
+                            timeout=timedelta(seconds=timeout_s))
     world = dist.group.WORLD
     assert world is not None
     # Workers wait on the control group for rank 0's next command however long the engine stays

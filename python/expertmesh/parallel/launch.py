@@ -55,6 +55,14 @@ def spawn_workers(config: EngineConfig, info: RankInfo, module: str) -> list[sub
     return procs
 
 
+def check_procs(procs: list[subprocess.Popen]) -> None:
+    """CollectiveError if one of the ranks this process spawned (ranks 1.., in order) has exited."""
+    for rank, proc in enumerate(procs, start=1):
+        code = proc.poll()
+        if code is not None:
+            raise CollectiveError(f"rank {rank} (pid {proc.pid}) exited with code {code}")
+
+
 @dataclass
 class RankSetup:
     """Everything one rank's model and engine need to run in parallel."""
@@ -71,10 +79,7 @@ class RankSetup:
 
     def check_procs(self) -> None:
         """CollectiveError if a rank this process spawned has exited."""
-        for rank, proc in enumerate(self.procs, start=1):
-            code = proc.poll()
-            if code is not None:
-                raise CollectiveError(f"rank {rank} (pid {proc.pid}) exited with code {code}")
+        check_procs(self.procs)
 
     def close(self, graceful: bool = True) -> None:
         """Wait for (then kill) the spawned ranks, free the buffers, leave the groups."""
@@ -138,12 +143,24 @@ def max_tokens_per_rank(config: EngineConfig) -> int:
     return config.ep_max_tokens_per_rank or config.max_num_batched_tokens
 
 
-def setup_rank(config: EngineConfig, info: RankInfo) -> RankSetup:
+def setup_rank(config: EngineConfig, info: RankInfo, procs: list[subprocess.Popen] | None = None) -> RankSetup:
+    """Join the groups and build this rank's parallel parts; `procs`: the ranks this process spawned."""
+    procs = procs or []
     device = torch.device(config.device)
     layout = config.parallel.rank(info.rank)
     config.parallel.check_world(info.world_size)
+    try:
+        groups = init_groups(info, device, config.ep_timeout_s, config.parallel.tensor_parallel_size,
+                             check_peers=lambda: check_procs(procs))
+        return _build(config, info, device, layout, groups, procs)
+    except BaseException:
+        destroy_groups()  # or the next launch from this process finds a group already made
+        raise
+
+
+def _build(config: EngineConfig, info: RankInfo, device: torch.device, layout: RankLayout, groups: Groups,
+           procs: list[subprocess.Popen]) -> RankSetup:
     tp_size = config.parallel.tensor_parallel_size
-    groups = init_groups(info, device, config.ep_timeout_s, tp_size)
     tp = channel = ep = None
     profile = StepProfile(enabled=config.step_breakdown)
     if tp_size > 1:
@@ -158,4 +175,4 @@ def setup_rank(config: EngineConfig, info: RankInfo) -> RankSetup:
         make = ShmControlChannel if groups.same_host else TorchControlChannel
         control = make(groups.leaders, layout.dp_rank, config.parallel.data_parallel_size)
     binding = bind_rank(config.cpu_bind, info.local_rank, info.local_world_size) if device.type == "cpu" else None
-    return RankSetup(layout, groups, tp, ep, channel, control, binding, profile)
+    return RankSetup(layout, groups, tp, ep, channel, control, binding, profile, procs)
