@@ -5,6 +5,10 @@ results match the fp32 references; fp16/bf16 use the tensor cores. Under TRITON_
 (triton 3.9's interpreter multiplies bf16 tiles wrongly in tl.dot) the kernels upcast dot
 operands to fp32 after rounding them to the storage dtype, so the CPU tests still see
 bf16 rounding of inputs and of the probabilities.
+
+Quantized weights (quant.QuantWeight): `quant_args` turns one into what a GEMM kernel reads --
+the codes, the scales with their strides, and the tile width BLOCK_K that keeps every K-tile
+inside one fp8 scale block.
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+
+from expertmesh_kernels.quant import QuantWeight
 
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_BLOCK_K, MAX_BLOCK_K = 16, 64  # tl.dot needs K tiles of at least 16
 
 
 def interpreting() -> bool:
@@ -28,3 +36,29 @@ def dot_config(dtype: torch.dtype) -> dict[str, object]:
         "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST": interpreting() and dtype != torch.float32,
     }
+
+
+def quant_args(w, k: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], dict[str, int]]:
+    """For a weight [N, K] or [E, N, K], plain or a QuantWeight: (codes or values, scales (the
+    values themselves when plain: never read), the scales' strides (matrix, row, K-block; 0 where
+    absent), the constexprs and offsets: mode (0 plain, 1 int8 per row, 2 fp8 per K-block),
+    block_k (BLOCK_K), scale_block_k, col_offset)."""
+    block_k = min(MAX_BLOCK_K, max(MIN_BLOCK_K, triton.next_power_of_2(k)))
+    if not isinstance(w, QuantWeight):
+        return w, w, (0, 0, 0), {"mode": 0, "block_k": block_k, "scale_block_k": 1, "col_offset": 0}
+    scale = w.scale
+    strides = list(scale.stride())
+    if w.kind == "int8":  # [..., N]: one scale per row
+        strides.append(0)
+        mode, scale_block_k, col_offset = 1, 1, 0
+    else:  # [..., N, KB]
+        mode, scale_block_k, col_offset = 2, w.block_k, w.col_offset
+        while block_k > MIN_BLOCK_K and (scale_block_k % block_k or col_offset % block_k):
+            block_k //= 2
+        if scale_block_k % block_k or col_offset % block_k:
+            raise ValueError(f"fp8 scale blocks of {scale_block_k} columns starting at column offset {col_offset} "
+                             f"need both to be multiples of {MIN_BLOCK_K} for the Triton kernels")
+    if len(strides) == 2:  # one matrix
+        strides.insert(0, 0)
+    return w.q, scale, (strides[0], strides[1], strides[2]), {
+        "mode": mode, "block_k": block_k, "scale_block_k": scale_block_k, "col_offset": col_offset}

@@ -10,6 +10,12 @@ row by its routing weight in fp32 and writes y [P, H]; the k rows of a token are
 in fp32. With expert_map (EP) blocks exist only for local experts; the rows of non-local
 choices stay zero. Programs past the padded length exit at once (grid size is a host bound,
 no device sync).
+
+Quantized experts (quant.py's QuantWeight, weight-only): tiles of int8 / fp8 codes are
+converted to x's dtype (exact for both) before the dot; int8's per-row scale multiplies the
+fp32 accumulator once at the end, fp8's block scale each K-tile's partial product, so BLOCK_K
+must divide the scale block and the held columns' offset in it (_triton_common.quant_args
+picks it).
 Measured: not yet measured on a GPU (correctness proved on CPU via TRITON_INTERPRET=1).
 
 Legend: T tokens, k top-k, P = T * k pairs, E experts (EL local), H hidden, I intermediate.
@@ -21,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from expertmesh_kernels._triton_common import dot_config
+from expertmesh_kernels._triton_common import dot_config, quant_args
 from expertmesh_kernels.moe import fused_moe_ref
 from expertmesh_kernels.moe_align import moe_align
+from expertmesh_kernels.quant import QuantWeight
 
 __all__ = ["fused_moe", "fused_moe_ref"]
 
@@ -31,14 +38,17 @@ __all__ = ["fused_moe", "fused_moe_ref"]
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # GATE_UP: x [T, H]; else act [P, I]
-    w_ptr,  # GATE_UP: w_gate_up [EL, 2I, H]; else w_down [EL, H, I]
+    w_ptr,  # GATE_UP: w_gate_up [EL, 2I, H]; else w_down [EL, H, I] (QUANT: int8 / fp8 codes)
+    s_ptr,  # QUANT 1: scales [EL, 2I or H]; QUANT 2: [EL, 2I or H, KB]; else unused
     out_ptr,  # GATE_UP: act [P, I]; else y [P, H]
     weights_ptr,  # [P] fp32 routing weights (used when not GATE_UP)
     sorted_ptr, block_expert_ptr, num_padded_ptr,  # from moe_align
     num_pairs, N, K, TOP_K,  # N output columns (I or H), K reduction size (H or I)
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    stride_se, stride_sn, stride_sk, col_offset,  # scales' strides; held columns' offset in their first block
     GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    QUANT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,  # QUANT 0 none, 1 per row, 2 per K-block
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -56,6 +66,7 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     w_base = w_ptr + expert * stride_we
+    s_base = s_ptr + expert * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -63,18 +74,28 @@ def _moe_gemm_kernel(
         kmask = offs_k < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=valid[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=nmask[None, :] & kmask[:, None], other=0.0)  # [BK, BN]
         if UPCAST:
             a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=nmask[None, :] & kmask[:, None], other=0.0).to(a.dtype)  # [BK, BN]
+        if QUANT == 2:
+            s_col = ((k0 + col_offset) // SCALE_BLOCK_K) * stride_sk
+            s = tl.load(s_base + offs_n * stride_sn + s_col, mask=nmask, other=0.0)  # [BN]
+            acc += tl.dot(a, w, input_precision=DOT_PREC) * s[None, :]
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         if GATE_UP:
             wu = tl.load(w_base + (offs_n[None, :] + N) * stride_wn + offs_k[:, None] * stride_wk,
-                         mask=nmask[None, :] & kmask[:, None], other=0.0)  # [BK, BN] up rows
-            if UPCAST:
-                wu = wu.to(tl.float32)
-            acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PREC)
+                         mask=nmask[None, :] & kmask[:, None], other=0.0).to(a.dtype)  # [BK, BN] up rows
+            if QUANT == 2:
+                s_up = tl.load(s_base + (offs_n + N) * stride_sn + s_col, mask=nmask, other=0.0)  # [BN]
+                acc_up += tl.dot(a, wu, input_precision=DOT_PREC) * s_up[None, :]
+            else:
+                acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PREC)
+    if QUANT == 1:
+        acc = acc * tl.load(s_base + offs_n * stride_sn, mask=nmask, other=0.0)[None, :]
+        if GATE_UP:
+            acc_up = acc_up * tl.load(s_base + (offs_n + N) * stride_sn, mask=nmask, other=0.0)[None, :]
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, fp32
     else:
@@ -87,28 +108,30 @@ def _moe_gemm_kernel(
 def _launch(a, w, out, weights, align, num_pairs, n, k, top_k, gate_up, block_m):
     sorted_ids, block_expert, num_padded, _ = align
     block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_k = min(64, max(16, triton.next_power_of_2(k)))
+    values, scale, scale_strides, quant = quant_args(w, k)
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
-        a, w, out, weights, sorted_ids, block_expert, num_padded,
+        a, values, scale, out, weights, sorted_ids, block_expert, num_padded,
         num_pairs, n, k, top_k,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        GATE_UP=gate_up, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_config(a.dtype),
+        a.stride(0), a.stride(1), values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
+        *scale_strides, quant["col_offset"],
+        GATE_UP=gate_up, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=quant["block_k"], **dot_config(a.dtype),
+        QUANT=quant["mode"], SCALE_BLOCK_K=quant["scale_block_k"],
     )
 
 
 def fused_moe(
     x: torch.Tensor,  # [T, H]
-    w_gate_up: torch.Tensor,  # [EL, 2I, H]
-    w_down: torch.Tensor,  # [EL, H, I]
+    w_gate_up: torch.Tensor | QuantWeight,  # [EL, 2I, H]
+    w_down: torch.Tensor | QuantWeight,  # [EL, H, I]
     topk_weights: torch.Tensor,  # [T, k] fp32
     topk_ids: torch.Tensor,  # [T, k] int32 global expert ids
     expert_map: torch.Tensor | None = None,  # [E] int32 global -> local id, -1 = not local
     num_experts: int | None = None,  # E; defaults to len(expert_map) or EL
     block_m: int | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """Triton version of fused_moe_ref."""
-    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+    """Triton version of fused_moe_ref; the expert weights may be quantized (both or neither)."""
+    if x.dim() != 2 or len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
         raise ValueError(f"x must be [T, H], w_gate_up [EL, 2I, H], w_down [EL, H, I]; got "
                          f"{tuple(x.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
     num_tokens, hidden = x.shape
@@ -120,7 +143,9 @@ def fused_moe(
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids and topk_weights must both be [T={num_tokens}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
-    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
+    if isinstance(w_gate_up, QuantWeight) != isinstance(w_down, QuantWeight):
+        raise ValueError("w_gate_up and w_down must both be quantized or both not")
+    if not isinstance(w_gate_up, QuantWeight) and not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise ValueError(f"x and expert weights must share a dtype, got {x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
     num_experts = num_experts or (expert_map.shape[0] if expert_map is not None else num_local)
     if expert_map is None and num_experts != num_local:

@@ -125,10 +125,14 @@ def apply_rotary(x, cos, sin):
 def quant_linear(x, w, bias=None):
     """x [T, K] @ dequant(w).T (+ bias) for a QuantWeight w [N, K] -> [T, N] in x's dtype.
 
-    CPU: int8 takes torch's int8-weight kernel, fp8 the Rust core's kernel; CUDA (until the
-    Triton kernels read quantized weights): the dequantizing reference."""
+    Triton backend: the Triton kernel (quant_gemm.py); CPU: int8 takes torch's int8-weight
+    kernel for a few rows, otherwise the Rust core's kernel."""
     from expertmesh_kernels import quant
 
+    if use_triton(x):
+        from expertmesh_kernels.quant_gemm import quant_linear as op
+
+        return op(x, w, bias)
     if x.is_cuda:
         return quant.quant_linear_ref(x, w, bias)
     if w.kind == "int8" and x.shape[0] <= quant.INT8_TORCH_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16):

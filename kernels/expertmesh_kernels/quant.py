@@ -18,8 +18,8 @@ Activations stay in the model's dtype. On the CPU both kinds run in the Rust cor
 into L1, fp32 FMAs, fp32 and bf16 activations), because torch converts fp8 one element at a
 time on the CPU and its int8-weight kernel (`_weight_int8pack_mm`) falls behind from about 8
 rows; up to INT8_TORCH_MAX_ROWS rows of bf16/fp16 activations int8 takes torch's kernel,
-which is faster there. On CUDA both take the reference until the Triton kernels read
-quantized weights: dequantize, then one matmul.
+which is faster there. On the Triton backend both take quant_gemm.py's kernel (dense layers)
+and fused_moe.py's (experts), which read the codes and apply the scales in the kernel.
 
 Legend: T tokens, K input features, N output features, KB K-blocks, E stacked matrices.
 """

@@ -64,6 +64,8 @@ from expertmesh_kernels.gating import topk_gating  # noqa: E402
 from expertmesh_kernels.kv_cache import write_kv_cache  # noqa: E402
 from expertmesh_kernels.norm_rope import apply_rotary, rms_norm  # noqa: E402
 from expertmesh_kernels.prefill_attention import varlen_prefill_attention  # noqa: E402
+from expertmesh_kernels.quant import FP8_DTYPE, QuantWeight  # noqa: E402
+from expertmesh_kernels.quant_gemm import quant_linear  # noqa: E402
 
 # name: (hidden, heads, kv heads, head dim, experts, top-k, expert intermediate)
 SHAPES = {
@@ -102,6 +104,19 @@ def _layer(shape: str, dtype: torch.dtype, num_tokens: int) -> None:
     ids.zero_()
     fused_moe(x, torch.empty(experts, 2 * inter, hidden, dtype=dtype), torch.empty(experts, hidden, inter, dtype=dtype),
               weights, ids)
+    if shape == "tiny-default" or dtype == torch.bfloat16:  # the quantized kernels, weight-only
+        for kind in ("int8", "fp8"):
+            quant_linear(x, _quantized(kind, nh * d, hidden))
+            fused_moe(x, _quantized(kind, 2 * inter, hidden, experts), _quantized(kind, hidden, inter, experts),
+                      weights, ids)
+
+
+def _quantized(kind: str, n: int, k: int, experts: int | None = None) -> QuantWeight:
+    """An empty QuantWeight [(E,) N, K] of `kind` with fp8's 128-column blocks."""
+    lead = () if experts is None else (experts,)
+    if kind == "int8":
+        return QuantWeight(kind, torch.empty(*lead, n, k, dtype=torch.int8), torch.empty(*lead, n))
+    return QuantWeight(kind, torch.empty(*lead, n, k, dtype=FP8_DTYPE), torch.empty(*lead, n, -(-k // 128)), 128)
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     _already = [m for m in sys.modules if m.startswith("expertmesh_kernels.") and m.split(".")[1] in (
         "kv_cache", "decode_attention", "prefill_attention", "paged_kv_tile", "moe_align", "fused_moe", "gating",
-        "norm_rope")]
+        "norm_rope", "quant_gemm", "_triton_common")]
     if _already and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"kernel modules {_already} were imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -148,11 +148,10 @@ class FusedMoE(nn.Module):
         num_tokens = x.shape[0]
         if self.exchange is not None:  # every rank joins, with T = 0 too (see ModelRunner.idle_step)
             return self.exchange(self, x, weights, ids)
-        # Fused Triton kernels (sorting, grouped GEMMs and weights on the device); quantized
-        # experts take the grouped loop below until those kernels read quantized weights.
-        if ops.use_triton(x) and self.format is None:
+        # Fused Triton kernels (sorting, grouped GEMMs and weights on the device), plain or quantized.
+        if ops.use_triton(x):
             self.tokens_routed += torch.bincount(ids.flatten().long(), minlength=self.num_experts).cpu().numpy()
-            return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+            return ops.fused_moe(x, *self.expert_weights(), weights, ids)
         sorted_pair_ids, pair_positions, expert_offsets = routing_plan(ids, self.num_experts, self.tokens_routed)
         x_sorted = x[sorted_pair_ids // self.top_k]  # [P, H]
         y_sorted = expert_mlp_ref(x_sorted, *self.expert_weights(), expert_offsets)  # [P, H]

@@ -11,27 +11,19 @@ use crate::quant_linear::{Code, QuantWeight};
 /// The call's shapes: (M, N, K, block_k, col_offset).
 type Dims = (usize, usize, usize, usize, usize);
 
-/// Runs the kernel on element type `T` (GIL released by the caller).
+/// The weight whose values and scales lie at addresses `q` and `scale`.
 ///
 /// # Safety
-/// Each address must point to a live, contiguous CPU buffer of the size the dims imply
-/// (out, x: `T`; q: bytes; scale: f32), `out` not read or written by anything else meanwhile.
-unsafe fn run<T: Elem>(
-    code: Code,
-    out: usize,
-    x: usize,
-    q: usize,
-    scale: usize,
-    dims: Dims,
-    threads: usize,
-) -> CoreResult<()> {
-    let (m, n, k, block_k, col_offset) = dims;
+/// Both addresses must point to live, contiguous CPU buffers of the sizes the dims imply
+/// (q: N·K bytes; scale: N·KB f32), unchanged while the weight is in use.
+unsafe fn weight_at<'a>(code: Code, q: usize, scale: usize, dims: Dims) -> QuantWeight<'a> {
+    let (_, n, k, block_k, col_offset) = dims;
     let kb = if block_k == 0 {
         0
     } else {
         (col_offset + k).div_ceil(block_k)
     };
-    let w = QuantWeight {
+    QuantWeight {
         code,
         q: std::slice::from_raw_parts(q as *const u8, n * k),
         scale: std::slice::from_raw_parts(scale as *const f32, n * kb),
@@ -39,9 +31,23 @@ unsafe fn run<T: Elem>(
         k,
         block_k,
         col_offset,
-    };
-    let x = std::slice::from_raw_parts(x as *const T, m * k);
-    let out = std::slice::from_raw_parts_mut(out as *mut T, m * n);
+    }
+}
+
+/// Runs `w` on element type `T` (GIL released by the caller).
+///
+/// # Safety
+/// `x` and `out` must point to live, contiguous CPU buffers of `T` (M·K and M·N elements),
+/// `out` not read or written by anything else meanwhile.
+unsafe fn run<T: Elem>(
+    w: &QuantWeight,
+    out: usize,
+    x: usize,
+    m: usize,
+    threads: usize,
+) -> CoreResult<()> {
+    let x = std::slice::from_raw_parts(x as *const T, m * w.k);
+    let out = std::slice::from_raw_parts_mut(out as *mut T, m * w.n);
     w.linear(x, m, out, threads)
 }
 
@@ -69,10 +75,12 @@ pub(super) fn quant_linear(
             )))
         }
     };
-    // SAFETY (both arms): the launcher passes contiguous CPU tensors of this dtype and shapes.
+    // SAFETY (here and both arms): the launcher passes contiguous CPU tensors of this dtype and shapes.
+    let w = unsafe { weight_at(code, q, scale, dims) };
+    let m = dims.0;
     let result = match dtype {
-        "float32" => py.detach(|| unsafe { run::<f32>(code, out, x, q, scale, dims, threads) }),
-        "bfloat16" => py.detach(|| unsafe { run::<Bf16>(code, out, x, q, scale, dims, threads) }),
+        "float32" => py.detach(|| unsafe { run::<f32>(&w, out, x, m, threads) }),
+        "bfloat16" => py.detach(|| unsafe { run::<Bf16>(&w, out, x, m, threads) }),
         other => {
             return Err(PyValueError::new_err(format!(
                 "dtype must be \"float32\" or \"bfloat16\", got {other:?}"
