@@ -14,8 +14,8 @@ exactly the scales its rows use (3% of the fp8 bytes at K-blocks of 128); `col_o
 a held column range that does not start on a block boundary.
 
 Activations stay in the model's dtype. On the CPU both kinds run in the Rust core
-(expertmesh._core.quant_linear, rust/src/quant_linear.rs: weight rows dequantized 4 at a time
-into L1, fp32 FMAs, fp32 and bf16 activations), because torch converts fp8 one element at a
+(expertmesh._core.quant_linear, rust/src/quant_linear/: weight rows decoded 4 at a time into
+L1, then bf16 dot products (AVX-512 BF16) or fp32 FMAs (AVX2), fp32 accumulation), because torch converts fp8 one element at a
 time on the CPU and its int8-weight kernel (`_weight_int8pack_mm`) falls behind from about 8
 rows; up to INT8_TORCH_MAX_ROWS rows of bf16/fp16 activations int8 takes torch's kernel,
 which is faster there. On the Triton backend both take quant_gemm.py's kernel (dense layers)
@@ -35,8 +35,8 @@ KINDS = ("int8", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127
-# Rows up to which torch's int8 kernel beats the core's for bf16/fp16 x (2-core AVX2 VM, 4096x1024
-# and 1024x2048 weights: torch 0.68 vs 0.85 ms at 4 rows, core 1.33 vs 1.60 ms at 8; bench/quant/).
+# Rows up to which torch's int8 kernel beats the core's for bf16/fp16 x (2-core AVX-512 BF16 VM,
+# 4096x1024 weight: torch 0.14 vs 0.18 ms at 1 row, 0.24 vs 0.26 at 4, 0.59 vs 0.58 at 16).
 INT8_TORCH_MAX_ROWS = 4
 
 

@@ -8,6 +8,8 @@
 //! (bench/quant/). Here 4 weight rows at a time are dequantized into an L1-sized fp32 buffer
 //! and every row of x is multiplied with them before the next 4 are read: the weight is read
 //! from memory once, as bytes, whatever M is. Accumulation is fp32; the output is rounded once.
+//! With bf16 x on a CPU with AVX-512 BF16 the rows are decoded to bf16 instead and multiplied
+//! by VDPBF16PS, twice the multiply-adds per instruction (avx512.rs); otherwise AVX2 (avx2.rs).
 //! e4m3 NaN codes (0x7f, 0xff; never produced by quantization) read as ±480.
 
 use crate::attention_item::Elem;
@@ -108,7 +110,7 @@ impl QuantWeight<'_> {
     fn dequantize_rows(&self, simd: bool, n0: usize, rows: usize, w: &mut [f32], kp: usize) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: simd_usable() checked AVX2 and F16C.
+            // SAFETY: Path::usable checked AVX2, FMA and F16C.
             unsafe { self.dequantize_rows_avx2(n0, rows, w, kp) };
             return;
         }
@@ -156,9 +158,21 @@ impl QuantWeight<'_> {
         }
     }
 
-    /// y [M, N] = x [M, K] · deq(q)ᵀ on up to `threads` threads.
+    /// y [M, N] = x [M, K] · deq(q)ᵀ on up to `threads` threads, on the fastest path this CPU has.
     pub fn linear<T: Elem>(
         &self,
+        x: &[T],
+        m: usize,
+        out: &mut [T],
+        threads: usize,
+    ) -> CoreResult<()> {
+        self.linear_on(Path::best::<T>(), x, m, out, threads)
+    }
+
+    /// `linear` on a given path (`path` must be usable here: Path::usable).
+    fn linear_on<T: Elem>(
+        &self,
+        path: Path,
         x: &[T],
         m: usize,
         out: &mut [T],
@@ -167,6 +181,18 @@ impl QuantWeight<'_> {
         self.check()?;
         check_len("x (M x K)", x.len(), m * self.k)?;
         check_len("out (M x N)", out.len(), m * self.n)?;
+        if m == 0 || self.n == 0 {
+            return Ok(());
+        }
+        let out = TileSink::new(out, self.n);
+        #[cfg(target_arch = "x86_64")]
+        if path == Path::Bf16Dot {
+            // SAFETY: Path::usable checked AVX-512 BF16 and that T is Bf16 (a repr(transparent) u16).
+            let x = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()) };
+            self.linear_bf16_dot(x, m, &out, threads);
+            return Ok(());
+        }
+        let simd = path == Path::Avx2;
         let kp = self.k.next_multiple_of(16); // rows padded with zeros to whole 16-lane registers
         let mut xf = vec![0f32; m * kp];
         for (dst, src) in xf.chunks_exact_mut(kp).zip(x.chunks_exact(self.k.max(1))) {
@@ -174,8 +200,6 @@ impl QuantWeight<'_> {
                 *d = s.to_f32();
             }
         }
-        let out_ptr = out.as_mut_ptr() as usize;
-        let simd = simd_usable();
         for_each_index(threads, self.n.div_ceil(TASK_ROWS), &|task| {
             let mut w = vec![0f32; ROWS * kp];
             let mut tile = [[0f32; ROWS]; XROWS];
@@ -185,20 +209,107 @@ impl QuantWeight<'_> {
                 for m0 in (0..m).step_by(XROWS) {
                     let mt = XROWS.min(m - m0);
                     multiply(simd, &xf[m0 * kp..(m0 + mt) * kp], &w, kp, mt, &mut tile);
-                    for (i, row) in tile.iter().enumerate().take(mt) {
-                        for (r, &v) in row.iter().enumerate().take(rows) {
-                            // SAFETY: tasks own disjoint column ranges [n0, n0 + rows) of `out`,
-                            // which outlives for_each_index; (m0 + i, n0 + r) is inside [M, N].
-                            unsafe {
-                                *(out_ptr as *mut T).add((m0 + i) * self.n + n0 + r) =
-                                    T::from_f32(v)
-                            };
-                        }
-                    }
+                    out.store(&tile, m0, mt, n0, rows);
                 }
             }
         });
         Ok(())
+    }
+
+    /// The AVX-512 BF16 path (avx512.rs) for bf16 x [M, K] as bits.
+    #[cfg(target_arch = "x86_64")]
+    fn linear_bf16_dot<T: Elem>(&self, x: &[u16], m: usize, out: &TileSink<T>, threads: usize) {
+        let mut segments = Vec::new();
+        let mut kp = 0;
+        self.for_each_segment(0, |start, end, _| {
+            let seg = avx512::Segment {
+                start,
+                end,
+                dst: kp,
+            };
+            kp += seg.padded();
+            segments.push(seg);
+        });
+        let kp = kp.max(avx512::STEP);
+        let mut x16 = vec![0u16; m * kp]; // x in the segment layout, zero padded
+        for (dst, src) in x16.chunks_exact_mut(kp).zip(x.chunks_exact(self.k.max(1))) {
+            for seg in &segments {
+                dst[seg.dst..seg.dst + seg.end - seg.start]
+                    .copy_from_slice(&src[seg.start..seg.end]);
+            }
+        }
+        let kb = self.num_blocks();
+        for_each_index(threads, self.n.div_ceil(TASK_ROWS), &|task| {
+            let mut w = vec![0u16; ROWS * kp];
+            let mut scales = vec![[0f32; ROWS]; segments.len()]; // [KB][ROWS]; 0 for rows past N
+            let mut tile = [[0f32; ROWS]; XROWS];
+            for n0 in (task * TASK_ROWS..((task + 1) * TASK_ROWS).min(self.n)).step_by(ROWS) {
+                let rows = ROWS.min(self.n - n0);
+                for r in 0..ROWS {
+                    for (b, seg) in segments.iter().enumerate() {
+                        scales[b][r] = if r < rows {
+                            self.scale[(n0 + r) * kb + b]
+                        } else {
+                            0.0
+                        };
+                        if r < rows {
+                            let codes = &self.q[(n0 + r) * self.k..][seg.start..seg.end];
+                            // SAFETY: Path::usable checked AVX-512 BF16 and F16C.
+                            unsafe {
+                                avx512::decode_bf16(self.code, codes, &mut w[r * kp + seg.dst..])
+                            };
+                        }
+                    }
+                }
+                for m0 in (0..m).step_by(XROWS) {
+                    let mt = XROWS.min(m - m0);
+                    // SAFETY: as above; rows are kp long in the segment layout.
+                    unsafe {
+                        avx512::multiply(
+                            &x16[m0 * kp..(m0 + mt) * kp],
+                            &w,
+                            kp,
+                            mt,
+                            &segments,
+                            &scales,
+                            &mut tile,
+                        )
+                    };
+                    out.store(&tile, m0, mt, n0, rows);
+                }
+            }
+        });
+    }
+}
+
+/// The output [M, N], written by tasks that each own a disjoint range of columns.
+struct TileSink<T> {
+    /// Address of out[0][0].
+    ptr: usize,
+    /// Columns N.
+    n: usize,
+    /// The element type written.
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: Elem> TileSink<T> {
+    fn new(out: &mut [T], n: usize) -> Self {
+        Self {
+            ptr: out.as_mut_ptr() as usize,
+            n,
+            _elem: std::marker::PhantomData,
+        }
+    }
+
+    /// out[m0 + i][n0 + r] = tile[i][r] for i < mt, r < rows, rounded to T.
+    fn store(&self, tile: &[[f32; ROWS]; XROWS], m0: usize, mt: usize, n0: usize, rows: usize) {
+        for (i, row) in tile.iter().enumerate().take(mt) {
+            for (r, &v) in row.iter().enumerate().take(rows) {
+                // SAFETY: the sink outlives the tasks (it borrows `out` in linear_on), each task
+                // stores only its own columns [n0, n0 + rows), and (m0 + i, n0 + r) is inside [M, N].
+                unsafe { *(self.ptr as *mut T).add((m0 + i) * self.n + n0 + r) = T::from_f32(v) };
+            }
+        }
     }
 }
 
@@ -213,18 +324,48 @@ fn check_len(field: &'static str, got: usize, expected: usize) -> CoreResult<()>
     })
 }
 
-/// AVX2 + FMA + F16C (every x86 server CPU since 2013; AVX-512 adds too little to a kernel that
-/// waits on dequantization to be worth a second, separately tested copy).
-fn simd_usable() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
+/// The ways `linear` can run, slowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Plain Rust.
+    Portable,
+    /// AVX2 + FMA + F16C (every x86 server CPU since 2013): rows dequantized to fp32, fp32 FMAs.
+    Avx2,
+    /// AVX-512 BF16, for bf16 x: codes decoded to bf16, VDPBF16PS (avx512.rs).
+    Bf16Dot,
+}
+
+impl Path {
+    /// Whether this CPU (and element type) can take the path.
+    fn usable<T: Elem>(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Path::Portable => true,
+                Path::Avx2 => avx2,
+                Path::Bf16Dot => {
+                    T::IS_BF16
+                        && avx2
+                        && has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vl")
+                        && has!("avx512bf16")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Portable
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    fn best<T: Elem>() -> Path {
+        [Path::Bf16Dot, Path::Avx2]
+            .into_iter()
+            .find(|p| p.usable::<T>())
+            .unwrap_or(Path::Portable)
     }
 }
 
@@ -239,7 +380,7 @@ fn multiply(
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: simd_usable() checked AVX2 and FMA; rows are kp long, kp a multiple of 16.
+        // SAFETY: Path::usable checked AVX2 and FMA; rows are kp long, kp a multiple of 16.
         unsafe { avx2::multiply(x, w, kp, mt, tile) };
         return;
     }
@@ -257,6 +398,8 @@ fn multiply(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests;

@@ -103,16 +103,93 @@ fn linear_matches_the_f64_reference_for_odd_shapes_offsets_and_threads() {
         w.linear(&x, m, &mut threaded, 3).unwrap();
         assert_eq!(first, threaded, "the thread count changes no bit");
         let xb: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
-        let mut out_b = vec![Bf16(0); m * n];
-        w.linear(&xb, m, &mut out_b, 2).unwrap();
         let want_b = reference(
             &w,
             &xb.iter().map(|v| f64::from(v.to_f32())).collect::<Vec<_>>(),
             m,
         );
-        for (got, want) in out_b.iter().zip(&want_b) {
-            assert!((f64::from(got.to_f32()) - want).abs() <= 2f64.powi(-8) * want.abs() + 1e-6);
+        let mut paths = 0;
+        for path in [Path::Portable, Path::Avx2, Path::Bf16Dot] {
+            if !path.usable::<Bf16>() {
+                continue;
+            }
+            paths += 1;
+            let mut out_b = vec![Bf16(0); m * n];
+            w.linear_on(path, &xb, m, &mut out_b, 2).unwrap();
+            for (got, want) in out_b.iter().zip(&want_b) {
+                // fp32 sums of exact products, then one bf16 rounding (2^-9 relative) of the output.
+                assert!(
+                    (f64::from(got.to_f32()) - want).abs() <= 2f64.powi(-8) * want.abs() + 1e-5,
+                    "{path:?}: {got:?} vs {want}"
+                );
+            }
         }
+        assert!(paths >= 1);
+    }
+}
+
+/// Every path on this CPU gives the same values within fp32 summation order, for both element
+/// types, and a dropped or misplaced block scale is far outside that.
+#[test]
+fn every_usable_path_agrees_and_uses_the_block_scales() {
+    let (m, n, k, block_k, col_offset) = (5, 9, 300, 128, 40);
+    let q: Vec<u8> = values(n * k, 7)
+        .iter()
+        .map(|v| (v % 0x7e) as u8 | ((v % 2) as u8) << 7)
+        .collect();
+    let kb = (col_offset + k).div_ceil(block_k);
+    let scale: Vec<f32> = values(n * kb, 8)
+        .iter()
+        .map(|v| 0.001 + (v % 97) as f32 / 100.0)
+        .collect();
+    let w = QuantWeight {
+        code: Code::E4m3,
+        q: &q,
+        scale: &scale,
+        n,
+        k,
+        block_k,
+        col_offset,
+    };
+    let x: Vec<Bf16> = values(m * k, 9)
+        .iter()
+        .map(|v| Bf16::from_f32((v % 2001) as f32 / 1000.0 - 1.0))
+        .collect();
+    let run = |w: &QuantWeight, path: Path| {
+        let mut out = vec![Bf16(0); m * n];
+        w.linear_on(path, &x, m, &mut out, 1).unwrap();
+        out.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+    };
+    let portable = run(&w, Path::Portable);
+    let reversed: Vec<f32> = scale
+        .chunks(kb)
+        .flat_map(|r| r.iter().rev().copied())
+        .collect();
+    let swapped = QuantWeight {
+        scale: &reversed,
+        ..w
+    };
+    for path in [Path::Avx2, Path::Bf16Dot] {
+        if !path.usable::<Bf16>() {
+            continue;
+        }
+        let (got, wrong) = (run(&w, path), run(&swapped, path));
+        let err = got
+            .iter()
+            .zip(&portable)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let off = wrong
+            .iter()
+            .zip(&portable)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let size = portable.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(err <= 2f32.powi(-7) * size, "{path:?}: {err} of {size}");
+        assert!(
+            off > 20.0 * err.max(2f32.powi(-9) * size),
+            "{path:?}: misplaced scales moved it only {off}"
+        );
     }
 }
 
@@ -147,4 +224,27 @@ fn bad_shapes_are_errors_naming_the_sizes() {
             .to_string(),
         "scale (N x KB) must have 3 elements, got 2"
     );
+}
+
+/// The bf16 decoding of the AVX-512 path is exact for every code (NaN codes as ±480, like decode).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_decoding_is_exact_for_every_code() {
+    if !Path::Bf16Dot.usable::<Bf16>() {
+        return; // nothing to check on this CPU; the other paths are tested above
+    }
+    let codes: Vec<u8> = (0..=255u8).chain(0..=255u8).chain(0..7).collect(); // SIMD steps and a tail
+    for code in [Code::E4m3, Code::Int8] {
+        let mut got = vec![0u16; codes.len()];
+        // SAFETY: Path::usable checked the features.
+        unsafe { avx512::decode_bf16(code, &codes, &mut got) };
+        for (&c, &bits) in codes.iter().zip(&got) {
+            let want = decode(code, c);
+            assert_eq!(
+                f32::from_bits(u32::from(bits) << 16),
+                want,
+                "{code:?} code {c:#x}"
+            );
+        }
+    }
 }
