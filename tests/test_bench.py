@@ -220,8 +220,8 @@ def test_bench_serve_needs_a_vocabulary_for_random_ids(capsys):
 
 def test_bench_offline_against_transformers_on_the_same_workload(tmp_path, capsys):
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--num-prompts", "4", "--input-len", "12", "--output-len", "5",
-            "--baseline", "transformers", "--save-result", str(out)]
+    argv = ["bench", "offline", "--num-prompts", "4", "--input-len", "40", "--output-len", "5",
+            "--baseline", "transformers", "--repeats", "2", "--save-result", str(out)]
     assert main(argv) == 0
     assert "speedup" in capsys.readouterr().out
     doc = json.loads(out.read_text())
@@ -233,4 +233,6 @@ def test_bench_offline_against_transformers_on_the_same_workload(tmp_path, capsy
     assert m["speedup_output_tokens_per_s"] == pytest.approx(
         m["expertmesh"]["output_tokens_per_s"] / m["transformers"]["output_tokens_per_s"])
     assert m["greedy_agreement"] == 1.0  # fp32: the same prompts give the same greedy tokens
+    assert len(m["expertmesh"]["runs_s"]) == 2
+    assert m["expertmesh"]["prefix_cache_hits"] == 0  # a repeat must redo its prefill, not hit the cache
     assert doc["config"]["dtype"] == "float32" and doc["config"]["num_prompts"] == 4

@@ -81,7 +81,9 @@ def run_engine(model: str | None, prompts: list[list[int]], output_len: int, dty
                engine_kwargs: dict[str, Any], profile_dir: Path | None = None, repeats: int = 1) -> dict[str, Any]:
     from expertmesh import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, show_progress=False, **engine_kwargs)
+    # Repeats run the same prompts: with the prefix cache on, every repeat after the first would
+    # skip its prefill and time a different workload.
+    llm = LLM(model, dtype=dtype, show_progress=False, **{"enable_prefix_caching": False, **engine_kwargs})
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     times = []
@@ -91,7 +93,8 @@ def run_engine(model: str | None, prompts: list[list[int]], output_len: int, dty
         times.append(time.perf_counter() - start)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     result = {**_throughput(len(prompts), len(prompts[0]), sum(map(len, tokens)), min(times)),
-              "runs_s": times, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."), "token_ids": tokens}
+              "runs_s": times, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."), "token_ids": tokens,
+              "prefix_cache_hits": llm.stats()["prefix_cache_hits"]}
     if profile_dir is not None:
         result["profile"] = _profile_engine(llm, prompts, params, profile_dir)
     return result
@@ -198,7 +201,8 @@ def run_offline(args: Any) -> dict[str, Any]:
         "num_local_experts", "num_experts", "num_experts_per_tok", "vocab_size")},
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "dtype": eng["dtype"], "greedy": True, "ignore_eos": True, "seed": args.seed,
-              "threads": torch.get_num_threads(), "baseline": args.baseline, "repeats": args.repeats, "engine_args": engine_kwargs}
+              "threads": torch.get_num_threads(), "baseline": args.baseline, "repeats": args.repeats,
+              "engine_args": {"enable_prefix_caching": False, **engine_kwargs}}
     return {"config": config, "metrics": metrics}
 
 
