@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use super::py_err;
 use crate::attention_item::{Bf16, Elem};
 use crate::error::CoreResult;
-use crate::quant_linear::{Code, QuantWeight};
+use crate::quant_linear::{num_blocks, Code, QuantWeight};
 
 /// The call's shapes: (M, N, K, block_k, col_offset).
 type Dims = (usize, usize, usize, usize, usize);
@@ -18,11 +18,7 @@ type Dims = (usize, usize, usize, usize, usize);
 /// (q: N·K bytes; scale: N·KB f32), unchanged while the weight is in use.
 unsafe fn weight_at<'a>(code: Code, q: usize, scale: usize, dims: Dims) -> QuantWeight<'a> {
     let (_, n, k, block_k, col_offset) = dims;
-    let kb = if block_k == 0 {
-        0
-    } else {
-        (col_offset + k).div_ceil(block_k)
-    };
+    let kb = num_blocks(k, block_k, col_offset);
     QuantWeight {
         code,
         q: std::slice::from_raw_parts(q as *const u8, n * k),

@@ -1,9 +1,9 @@
-//! The AVX2 + FMA + F16C parts of the quantized linear: dequantizing 8 codes a step and the
-//! multiply of up to 3 rows of x with 4 dequantized weight rows.
+//! The AVX2 + FMA + F16C parts of the quantized linear: dequantizing weight rows 8 codes a step
+//! and the multiply of up to 3 rows of x with 4 dequantized weight rows.
 
 use std::arch::x86_64::*;
 
-use super::{ROWS, XROWS};
+use super::{Code, QuantWeight, ROWS, XROWS};
 
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn multiply(
@@ -101,4 +101,30 @@ unsafe fn sum8(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+impl QuantWeight<'_> {
+    /// Rows n0..n0+rows dequantized into `w` [ROWS, kp] (rows past them zero).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_rows_avx2(
+        &self,
+        n0: usize,
+        rows: usize,
+        w: &mut [f32],
+        kp: usize,
+    ) {
+        for (r, dst) in w.chunks_exact_mut(kp).enumerate() {
+            if r < rows {
+                self.for_each_segment(n0 + r, |c, end, s| {
+                    let (codes, dst) = (&self.q[(n0 + r) * self.k..][c..end], &mut dst[c..end]);
+                    match self.code {
+                        Code::E4m3 => dequantize_e4m3(codes, s, dst),
+                        Code::Int8 => dequantize_int8(codes, s, dst),
+                    }
+                });
+            } else {
+                dst.fill(0.0);
+            }
+        }
+    }
 }

@@ -5,12 +5,29 @@
 //! It does twice the multiply-adds per instruction of the AVX2 path's fp32 FMAs, which is what
 //! decode at batch sizes of a few dozen, compute-bound on 2 cores, needs (bench/quant/).
 //!
+//! `linear_bf16_dot` drives it: x copied once into the layout below, then per task 4 weight
+//! rows decoded and multiplied with every row of x, as in the AVX2 path.
+//!
 //! Both operands are laid out in "segments": each K-block's columns start on a 32-column
 //! boundary and are padded with zeros to one, so a 32-column step never straddles two scales.
 
 use std::arch::x86_64::*;
 
-use super::{Code, ROWS, XROWS};
+use super::{Code, QuantWeight, TileSink, ROWS, TASK_ROWS, XROWS};
+use crate::attention_item::Elem;
+use crate::cpu_pool::for_each_index;
+
+/// The e4m3 subnormals m · 2^-9 (m = 0..7) as bf16 bits, padded to one zmm of lookups.
+const E4M3_SUBNORMALS_BF16: [u16; 32] = {
+    let mut t = [0u16; 32];
+    let bits = [0, 0x3b00, 0x3b80, 0x3bc0, 0x3c00, 0x3c20, 0x3c40, 0x3c60];
+    let mut m = 0;
+    while m < 8 {
+        t[m] = bits[m];
+        m += 1;
+    }
+    t
+};
 
 /// Columns per VDPBF16PS step (32 bf16 = one zmm).
 pub(super) const STEP: usize = 32;
@@ -52,11 +69,7 @@ pub(super) unsafe fn decode_bf16(code: Code, codes: &[u8], dst: &mut [u16]) {
             // Integer only: a normal code seee emmm is bf16 s eeeeeeee mmm0000 with the exponent
             // rebiased by 120 (the magnitude shifted left 4, plus 120 << 7); the 8 subnormal
             // magnitudes (m · 2^-9) come from a table. The sign moves to bit 15.
-            let mut table = [0u16; 32];
-            for (m, t) in table.iter_mut().enumerate().take(8) {
-                *t = ((m as f32) * 2f32.powi(-9)).to_bits().wrapping_shr(16) as u16;
-            }
-            let table = _mm512_loadu_si512(table.as_ptr() as *const __m512i);
+            let table = _mm512_loadu_si512(E4M3_SUBNORMALS_BF16.as_ptr() as *const __m512i);
             let (low7, bias, sign, eight) = (
                 _mm512_set1_epi16(0x7f),
                 _mm512_set1_epi16(120 << 7),
@@ -149,4 +162,82 @@ unsafe fn rows<const MT: usize>(
 #[inline]
 unsafe fn load_bf16(p: *const u16) -> __m512bh {
     std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
+}
+
+impl QuantWeight<'_> {
+    /// y [M, N] = x [M, K] · deq(q)ᵀ for bf16 x (as bits) on this path, into `out`.
+    pub(super) fn linear_bf16_dot<T: Elem>(
+        &self,
+        x: &[u16],
+        m: usize,
+        out: &TileSink<T>,
+        threads: usize,
+    ) {
+        let mut segments = Vec::new();
+        let mut kp = 0;
+        self.for_each_segment(0, |start, end, _| {
+            let seg = Segment {
+                start,
+                end,
+                dst: kp,
+            };
+            kp += seg.padded();
+            segments.push(seg);
+        });
+        let kp = kp.max(STEP);
+        let mut x16 = vec![0u16; m * kp]; // x in the segment layout, zero padded
+        for (dst, src) in x16.chunks_exact_mut(kp).zip(x.chunks_exact(self.k.max(1))) {
+            for seg in &segments {
+                dst[seg.dst..seg.dst + seg.end - seg.start]
+                    .copy_from_slice(&src[seg.start..seg.end]);
+            }
+        }
+        let kb = self.num_blocks();
+        for_each_index(threads, self.n.div_ceil(TASK_ROWS), &|task| {
+            let mut w = vec![0u16; ROWS * kp];
+            let mut scales = vec![[0f32; ROWS]; segments.len()]; // [KB][ROWS]; 0 for rows past N
+            let mut tile = [[0f32; ROWS]; XROWS];
+            for n0 in (task * TASK_ROWS..((task + 1) * TASK_ROWS).min(self.n)).step_by(ROWS) {
+                let rows = ROWS.min(self.n - n0);
+                for (b, sc) in scales.iter_mut().enumerate() {
+                    for (r, s) in sc.iter_mut().enumerate() {
+                        *s = if r < rows {
+                            self.scale[(n0 + r) * kb + b]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+                for r in 0..rows {
+                    let codes = &self.q[(n0 + r) * self.k..];
+                    for seg in &segments {
+                        // SAFETY: Path::usable checked AVX-512 BF16.
+                        unsafe {
+                            decode_bf16(
+                                self.code,
+                                &codes[seg.start..seg.end],
+                                &mut w[r * kp + seg.dst..],
+                            )
+                        };
+                    }
+                }
+                for m0 in (0..m).step_by(XROWS) {
+                    let mt = XROWS.min(m - m0);
+                    // SAFETY: as above; rows are kp long in the segment layout.
+                    unsafe {
+                        multiply(
+                            &x16[m0 * kp..(m0 + mt) * kp],
+                            &w,
+                            kp,
+                            mt,
+                            &segments,
+                            &scales,
+                            &mut tile,
+                        )
+                    };
+                    out.store(&tile, m0, mt, n0, rows);
+                }
+            }
+        });
+    }
 }

@@ -67,10 +67,20 @@ fn decode(code: Code, byte: u8) -> f32 {
     }
 }
 
+/// K-blocks that columns [col_offset, col_offset + k) of a blocked row touch (0 with block_k 0,
+/// which `QuantWeight::linear` refuses).
+pub fn num_blocks(k: usize, block_k: usize, col_offset: usize) -> usize {
+    if block_k == 0 {
+        0
+    } else {
+        (col_offset + k).div_ceil(block_k)
+    }
+}
+
 impl QuantWeight<'_> {
     /// K-blocks per row.
     pub fn num_blocks(&self) -> usize {
-        (self.col_offset + self.k).div_ceil(self.block_k)
+        num_blocks(self.k, self.block_k, self.col_offset)
     }
 
     fn check(&self) -> CoreResult<()> {
@@ -118,24 +128,6 @@ impl QuantWeight<'_> {
         self.dequantize_rows_portable(n0, rows, w, kp);
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dequantize_rows_avx2(&self, n0: usize, rows: usize, w: &mut [f32], kp: usize) {
-        for (r, dst) in w.chunks_exact_mut(kp).enumerate() {
-            if r < rows {
-                self.for_each_segment(n0 + r, |c, end, s| {
-                    let (codes, dst) = (&self.q[(n0 + r) * self.k..][c..end], &mut dst[c..end]);
-                    match self.code {
-                        Code::E4m3 => avx2::dequantize_e4m3(codes, s, dst),
-                        Code::Int8 => avx2::dequantize_int8(codes, s, dst),
-                    }
-                });
-            } else {
-                dst.fill(0.0);
-            }
-        }
-    }
-
     fn dequantize_rows_portable(&self, n0: usize, rows: usize, w: &mut [f32], kp: usize) {
         for (r, dst) in w.chunks_exact_mut(kp).enumerate() {
             if r < rows {
@@ -148,7 +140,7 @@ impl QuantWeight<'_> {
 
     /// Calls f(first column, end column, scale) for each K-block segment of row `row`.
     #[inline(always)]
-    fn for_each_segment(&self, row: usize, mut f: impl FnMut(usize, usize, f32)) {
+    pub(super) fn for_each_segment(&self, row: usize, mut f: impl FnMut(usize, usize, f32)) {
         let scales = &self.scale[row * self.num_blocks()..];
         let (mut c, mut b) = (0, 0);
         while c < self.k {
@@ -215,71 +207,6 @@ impl QuantWeight<'_> {
         });
         Ok(())
     }
-
-    /// The AVX-512 BF16 path (avx512.rs) for bf16 x [M, K] as bits.
-    #[cfg(target_arch = "x86_64")]
-    fn linear_bf16_dot<T: Elem>(&self, x: &[u16], m: usize, out: &TileSink<T>, threads: usize) {
-        let mut segments = Vec::new();
-        let mut kp = 0;
-        self.for_each_segment(0, |start, end, _| {
-            let seg = avx512::Segment {
-                start,
-                end,
-                dst: kp,
-            };
-            kp += seg.padded();
-            segments.push(seg);
-        });
-        let kp = kp.max(avx512::STEP);
-        let mut x16 = vec![0u16; m * kp]; // x in the segment layout, zero padded
-        for (dst, src) in x16.chunks_exact_mut(kp).zip(x.chunks_exact(self.k.max(1))) {
-            for seg in &segments {
-                dst[seg.dst..seg.dst + seg.end - seg.start]
-                    .copy_from_slice(&src[seg.start..seg.end]);
-            }
-        }
-        let kb = self.num_blocks();
-        for_each_index(threads, self.n.div_ceil(TASK_ROWS), &|task| {
-            let mut w = vec![0u16; ROWS * kp];
-            let mut scales = vec![[0f32; ROWS]; segments.len()]; // [KB][ROWS]; 0 for rows past N
-            let mut tile = [[0f32; ROWS]; XROWS];
-            for n0 in (task * TASK_ROWS..((task + 1) * TASK_ROWS).min(self.n)).step_by(ROWS) {
-                let rows = ROWS.min(self.n - n0);
-                for r in 0..ROWS {
-                    for (b, seg) in segments.iter().enumerate() {
-                        scales[b][r] = if r < rows {
-                            self.scale[(n0 + r) * kb + b]
-                        } else {
-                            0.0
-                        };
-                        if r < rows {
-                            let codes = &self.q[(n0 + r) * self.k..][seg.start..seg.end];
-                            // SAFETY: Path::usable checked AVX-512 BF16 and F16C.
-                            unsafe {
-                                avx512::decode_bf16(self.code, codes, &mut w[r * kp + seg.dst..])
-                            };
-                        }
-                    }
-                }
-                for m0 in (0..m).step_by(XROWS) {
-                    let mt = XROWS.min(m - m0);
-                    // SAFETY: as above; rows are kp long in the segment layout.
-                    unsafe {
-                        avx512::multiply(
-                            &x16[m0 * kp..(m0 + mt) * kp],
-                            &w,
-                            kp,
-                            mt,
-                            &segments,
-                            &scales,
-                            &mut tile,
-                        )
-                    };
-                    out.store(&tile, m0, mt, n0, rows);
-                }
-            }
-        });
-    }
 }
 
 /// The output [M, N], written by tasks that each own a disjoint range of columns.
@@ -324,51 +251,6 @@ fn check_len(field: &'static str, got: usize, expected: usize) -> CoreResult<()>
     })
 }
 
-/// The ways `linear` can run, slowest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    /// Plain Rust.
-    Portable,
-    /// AVX2 + FMA + F16C (every x86 server CPU since 2013): rows dequantized to fp32, fp32 FMAs.
-    Avx2,
-    /// AVX-512 BF16, for bf16 x: codes decoded to bf16, VDPBF16PS (avx512.rs).
-    Bf16Dot,
-}
-
-impl Path {
-    /// Whether this CPU (and element type) can take the path.
-    fn usable<T: Elem>(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
-            match self {
-                Path::Portable => true,
-                Path::Avx2 => avx2,
-                Path::Bf16Dot => {
-                    T::IS_BF16
-                        && avx2
-                        && has!("avx512f")
-                        && has!("avx512bw")
-                        && has!("avx512vl")
-                        && has!("avx512bf16")
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Path::Portable
-        }
-    }
-
-    fn best<T: Elem>() -> Path {
-        [Path::Bf16Dot, Path::Avx2]
-            .into_iter()
-            .find(|p| p.usable::<T>())
-            .unwrap_or(Path::Portable)
-    }
-}
-
 /// tile[i][r] = x[i] · w[r] for mt rows of x and ROWS rows of w (both with row stride kp).
 fn multiply(
     simd: bool,
@@ -395,6 +277,9 @@ fn multiply(
         }
     }
 }
+
+mod path;
+use path::Path;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
