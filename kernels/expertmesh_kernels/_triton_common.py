@@ -8,7 +8,8 @@ bf16 rounding of inputs and of the probabilities.
 
 Quantized weights (quant.QuantWeight): `quant_args` turns one into what a GEMM kernel reads --
 the codes, the scales with their strides, and the tile width BLOCK_K that keeps every K-tile
-inside one fp8 scale block.
+inside one fp8 scale block; in the kernel, `quant_dot` adds one K-tile's product and
+`row_scale` applies int8's per-row scale once at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from expertmesh_kernels.quant import QuantWeight
 
@@ -62,3 +64,26 @@ def quant_args(w, k: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, i
         strides.insert(0, 0)
     return w.q, scale, (strides[0], strides[1], strides[2]), {
         "mode": mode, "block_k": block_k, "scale_block_k": scale_block_k, "col_offset": col_offset}
+
+
+@triton.jit
+def quant_dot(acc, a, w, s_row_ptrs, nmask, k0, col_offset, stride_sk,
+              QUANT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc [BM, BN] + a [BM, BK] @ w [BK, BN] for the K-tile at k0, w (values or int8 / fp8
+    codes) converted to a's dtype first (exact). QUANT 2: the partial product times the tile's
+    fp8 block scale per column (s_row_ptrs [BN]: each column's scale row)."""
+    w = w.to(a.dtype)
+    if QUANT == 2:
+        s = tl.load(s_row_ptrs + ((k0 + col_offset) // SCALE_BLOCK_K) * stride_sk, mask=nmask, other=0.0)  # [BN]
+        acc += tl.dot(a, w, input_precision=DOT_PREC) * s[None, :]
+    else:
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def row_scale(acc, s_row_ptrs, nmask, QUANT: tl.constexpr):
+    """QUANT 1 (int8): acc [BM, BN] times each column's row scale; otherwise acc."""
+    if QUANT == 1:
+        acc = acc * tl.load(s_row_ptrs, mask=nmask, other=0.0)[None, :]
+    return acc

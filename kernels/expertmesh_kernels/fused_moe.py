@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expertmesh_kernels._triton_common import dot_config, quant_args
+from expertmesh_kernels._triton_common import dot_config, quant_args, quant_dot, row_scale
 from expertmesh_kernels.moe import fused_moe_ref
 from expertmesh_kernels.moe_align import moe_align
 from expertmesh_kernels.quant import QuantWeight
@@ -77,26 +77,17 @@ def _moe_gemm_kernel(
         if UPCAST:
             a = a.to(tl.float32)
         w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=nmask[None, :] & kmask[:, None], other=0.0).to(a.dtype)  # [BK, BN]
-        if QUANT == 2:
-            s_col = ((k0 + col_offset) // SCALE_BLOCK_K) * stride_sk
-            s = tl.load(s_base + offs_n * stride_sn + s_col, mask=nmask, other=0.0)  # [BN]
-            acc += tl.dot(a, w, input_precision=DOT_PREC) * s[None, :]
-        else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+                    mask=nmask[None, :] & kmask[:, None], other=0.0)  # [BK, BN]
+        acc = quant_dot(acc, a, w, s_base + offs_n * stride_sn, nmask, k0, col_offset, stride_sk,
+                        QUANT, SCALE_BLOCK_K, DOT_PREC)
         if GATE_UP:
             wu = tl.load(w_base + (offs_n[None, :] + N) * stride_wn + offs_k[:, None] * stride_wk,
-                         mask=nmask[None, :] & kmask[:, None], other=0.0).to(a.dtype)  # [BK, BN] up rows
-            if QUANT == 2:
-                s_up = tl.load(s_base + (offs_n + N) * stride_sn + s_col, mask=nmask, other=0.0)  # [BN]
-                acc_up += tl.dot(a, wu, input_precision=DOT_PREC) * s_up[None, :]
-            else:
-                acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PREC)
-    if QUANT == 1:
-        acc = acc * tl.load(s_base + offs_n * stride_sn, mask=nmask, other=0.0)[None, :]
-        if GATE_UP:
-            acc_up = acc_up * tl.load(s_base + (offs_n + N) * stride_sn, mask=nmask, other=0.0)[None, :]
+                         mask=nmask[None, :] & kmask[:, None], other=0.0)  # [BK, BN] up rows
+            acc_up = quant_dot(acc_up, a, wu, s_base + (offs_n + N) * stride_sn, nmask, k0, col_offset, stride_sk,
+                               QUANT, SCALE_BLOCK_K, DOT_PREC)
+    acc = row_scale(acc, s_base + offs_n * stride_sn, nmask, QUANT)
     if GATE_UP:
+        acc_up = row_scale(acc_up, s_base + (offs_n + N) * stride_sn, nmask, QUANT)
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, fp32
     else:
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]

@@ -15,9 +15,9 @@ a held column range that does not start on a block boundary.
 
 Activations stay in the model's dtype. On the CPU both kinds run in the Rust core
 (expertmesh._core.quant_linear, rust/src/quant_linear/: weight rows decoded 4 at a time into
-L1, then bf16 dot products (AVX-512 BF16) or fp32 FMAs (AVX2), fp32 accumulation), because torch converts fp8 one element at a
-time on the CPU and its int8-weight kernel (`_weight_int8pack_mm`) falls behind from about 8
-rows; up to INT8_TORCH_MAX_ROWS rows of bf16/fp16 activations int8 takes torch's kernel,
+L1, then bf16 dot products (AVX-512 BF16) or fp32 FMAs (AVX2), fp32 accumulation), because
+torch converts fp8 one element at a time on the CPU and its int8-weight kernel
+(`_weight_int8pack_mm`) falls behind from about 8 rows; up to INT8_TORCH_MAX_ROWS rows of bf16/fp16 activations int8 takes torch's kernel,
 which is faster there. On the Triton backend both take quant_gemm.py's kernel (dense layers)
 and fused_moe.py's (experts), which read the codes and apply the scales in the kernel.
 

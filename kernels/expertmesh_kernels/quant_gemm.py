@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expertmesh_kernels._triton_common import dot_config, quant_args
+from expertmesh_kernels._triton_common import dot_config, quant_args, quant_dot, row_scale
 from expertmesh_kernels.quant import QuantWeight, quant_linear_ref
 
 __all__ = ["quant_linear", "quant_linear_ref"]
@@ -53,15 +53,10 @@ def _kernel(
         if UPCAST:
             x = x.to(tl.float32)
         w = tl.load(q_ptr + cols[None, :] * stride_qn + offs_k[:, None] * stride_qk,
-                    mask=nmask[None, :] & kmask[:, None], other=0.0).to(x.dtype)  # [BK, BN]
-        if QUANT == 2:
-            block = (k0 + col_offset) // SCALE_BLOCK_K
-            s = tl.load(s_ptr + cols * stride_sn + block * stride_sk, mask=nmask, other=0.0)  # [BN]
-            acc += tl.dot(x, w, input_precision=DOT_PREC) * s[None, :]
-        else:
-            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-    if QUANT == 1:
-        acc = acc * tl.load(s_ptr + cols * stride_sn, mask=nmask, other=0.0)[None, :]
+                    mask=nmask[None, :] & kmask[:, None], other=0.0)  # [BK, BN] codes
+        acc = quant_dot(acc, x, w, s_ptr + cols * stride_sn, nmask, k0, col_offset, stride_sk,
+                        QUANT, SCALE_BLOCK_K, DOT_PREC)
+    acc = row_scale(acc, s_ptr + cols * stride_sn, nmask, QUANT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
