@@ -100,7 +100,7 @@ def test_tensor_parallel_equals_single_rank(checkpoints, reference, arch, tp):
     with LLM(checkpoints[arch], show_progress=False, tensor_parallel_size=tp) as llm:
         _assert_same(_run(llm), reference[arch])
         stats = llm.stats()
-        assert stats["layout"] == {"tensor_parallel": tp, "data_parallel": 1, "expert_parallel": 1}
+        assert stats["layout"] == {"tensor_parallel": tp, "context_parallel": 1, "data_parallel": 1, "expert_parallel": 1}
         assert stats["allreduce"]["transport"] == "shm" and stats["allreduce"]["calls"]["one_shot"] > 0
 
 

@@ -32,6 +32,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     par = parser.add_argument_group("parallelism (vLLM's spellings; the rank processes are started here)")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="split every layer over N ranks")
+    par.add_argument("--context-parallel-size", "-cp", type=int, default=1,
+                     help="split sequences longer than --cp-min-tokens over N ranks (ring attention)")
+    par.add_argument("--cp-min-tokens", type=int, default=1024,
+                     help="sequences (context + new tokens) longer than this use context parallelism")
+    par.add_argument("--cp-variant", default="auto", choices=["auto", "pass-kv", "pass-q"],
+                     help="ring attention: auto = pass-KV when new/(new+cached) >= 2 NKV/NH, else pass-Q")
     par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                      help="replicas of the TP ranks, each with its own requests (needs --enable-expert-parallel)")
     par.add_argument("--enable-expert-parallel", action="store_true",
@@ -63,6 +69,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        cp_min_tokens=args.cp_min_tokens,
+        cp_variant=args.cp_variant,
         enable_expert_parallel=args.enable_expert_parallel,
         expert_parallel_size=args.ep,
         allreduce=args.allreduce,

@@ -9,15 +9,16 @@ from pathlib import Path
 from expertmesh.errors import InvalidRequestError
 from expertmesh.models.loader import DTYPES
 from expertmesh.parallel.cpu_binding import parse_cpu_bind
-from expertmesh.parallel.layout import ParallelConfig
+from expertmesh.parallel.layout import CP_VARIANTS, ParallelConfig
 from expertmesh.quant.config import check_method
 
 
-def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
+def _positive(name: str, value: object, *, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}", param=name, value=value)
+    least = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidRequestError(f"{name} must be an integer >= {least}, got {value!r}", param=name, value=value)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    # The parallel layout (parallel/layout.py): world size = TP x DP; with expert parallelism
+    # The parallel layout (parallel/layout.py): world size = TP x CP x DP; with expert parallelism
     # the experts are split over all of them. expert_parallel_size=R is the older spelling of
     # data_parallel_size=R with enable_expert_parallel. The transports ("auto": shared memory
     # for CPU ranks on one host, else torch.distributed) of the allreduce (TP) and all-to-all
@@ -58,6 +59,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    # Context parallelism (parallel/context_parallel.py): sequences longer than cp_min_tokens
+    # are split over context_parallel_size ranks; cp_variant "auto" picks pass-KV or pass-Q
+    # per request, "pass-kv" / "pass-q" force one.
+    context_parallel_size: int = 1
+    cp_min_tokens: int = 1024
+    cp_variant: str = "auto"
     expert_parallel_size: int = 1
     allreduce: str = "auto"
     ep_transport: str = "auto"
@@ -97,7 +104,12 @@ class EngineConfig:
             self.data_parallel_size, self.enable_expert_parallel = self.expert_parallel_size, True
         parse_cpu_bind(self.cpu_bind)
         check_method(self.quantization)
-        self.parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
+        _positive("cp_min_tokens", self.cp_min_tokens, allow_zero=True)
+        if self.cp_variant not in CP_VARIANTS:
+            raise InvalidRequestError(f"cp_variant must be one of {list(CP_VARIANTS)}, got {self.cp_variant!r}",
+                                      param="cp_variant", value=self.cp_variant)
+        self.parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel,
+                                       self.context_parallel_size)
         _positive("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(

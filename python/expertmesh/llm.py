@@ -26,7 +26,8 @@ class LLM:
     Keyword arguments are EngineConfig fields (dtype, max_model_len, block_size,
     kv_cache_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, ...).
 
-    tensor_parallel_size=N splits every layer over N rank processes; data_parallel_size=D with
+    tensor_parallel_size=N splits every layer over N rank processes; context_parallel_size=C
+    splits sequences longer than cp_min_tokens over C ranks (ring attention); data_parallel_size=D with
     enable_expert_parallel=True runs D replicas with the experts split over all N x D ranks
     (expert_parallel_size=R is short for D=R with expert parallelism). This process is rank 0
     and starts the others; under torchrun every process is a rank, and on ranks > 0 the
@@ -113,8 +114,9 @@ class LLM:
         """Scheduler and KV-cache counters (prefix-cache queries and hits, preemptions, free
         blocks, num_blocks) of rank 0's engine, its "weight_bytes" (quantized values and scales
         included) and "quantization" (None, "int8" or "fp8"); on a parallel layout also "layout"
-        (TP, DP and EP sizes) and "allreduce" (rank 0's calls and bytes per algorithm)."""
-        keep = ("layout", "allreduce", "quantization")
+        (TP, CP, DP and EP sizes), "allreduce" (rank 0's calls and bytes per algorithm) and
+        "context_parallel" (CP requests per step by variant, rank 0's ring bytes)."""
+        keep = ("layout", "allreduce", "context_parallel", "quantization")
         return {k: v for k, v in self.engine.stats().items() if isinstance(v, int) or k in keep}
 
     def expert_load(self) -> dict[str, list]:

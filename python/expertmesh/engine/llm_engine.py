@@ -153,7 +153,8 @@ class LLMEngine:
     def stats(self) -> dict[str, object]:
         """A snapshot for metrics: scheduler and KV-cache counters (cumulative ones included),
         tokens routed to each expert of each MoE layer ([layers][E], cumulative) and, on a
-        parallel layout, its sizes and this rank's allreduce calls and bytes per algorithm."""
+        parallel layout, its sizes, this rank's allreduce calls and bytes per algorithm and its
+        context-parallel requests and ring bytes."""
         sched = self.scheduler
         snapshot: dict[str, object] = dict(sched.stats())
         snapshot.update(
@@ -172,8 +173,11 @@ class LLMEngine:
         if rank is not None:
             layout = rank.layout.config
             snapshot["layout"] = {"tensor_parallel": layout.tensor_parallel_size,
+                                  "context_parallel": layout.context_parallel_size,
                                   "data_parallel": layout.data_parallel_size,
                                   "expert_parallel": layout.expert_parallel_size}
+            if rank.cp is not None:  # CP requests by variant (counted per step) and this rank's ring bytes
+                snapshot["context_parallel"] = rank.cp.stats()
             if rank.binding is not None:
                 snapshot["cpu_cores"] = rank.binding.cores
             if rank.tp is not None:  # this rank's allreduce calls and bytes, per algorithm

@@ -1,9 +1,10 @@
 """Turns a scheduler step into tensors, runs the model over the paged KV cache, returns logits.
 
 With a RankSetup the model is built for one rank of a parallel layout (parallel/apply.py
-shards it before its weights load). A replica leader with tensor-parallel followers hands
-every batch (and every idle step) to them first through the replica's batch channel, so all
-TP ranks run the same tokens; followers run `follow()` until the leader stops them.
+shards it before its weights load). A replica leader with followers (its other TP and CP
+ranks) hands every batch (and every idle step) to them first through the replica's batch
+channel; TP ranks run the same tokens, CP ranks each the tokens they hold. Followers run
+`follow()` until the leader stops them.
 
 Legend: T tokens this step, N requests this step, S requests that sample, MB blocks per
 request in the batch table, NB KV blocks, B block size, NKV KV heads held, D head dim, V vocab.
@@ -15,6 +16,7 @@ import logging
 import os
 from functools import partial
 
+import numpy as np
 import torch
 
 from expertmesh.config import EngineConfig
@@ -44,7 +46,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, rank: RankSetup | None = None) -> None:
         self.device = torch.device(config.device)
         self.rank = rank
-        shard = None if rank is None else partial(apply_parallelism, layout=rank.layout, tp=rank.tp, ep=rank.ep)
+        shard = None if rank is None else partial(apply_parallelism, layout=rank.layout, tp=rank.tp, ep=rank.ep,
+                                                  cp=rank.cp)
         self.model, self.hf_config = load_model(
             config.model_path, dtype=config.dtype, device=self.device, show_progress=config.show_progress,
             shard=shard, quantization=config.quantization,
@@ -69,8 +72,9 @@ class ModelRunner:
         if self.profile.enabled:
             self._time_sections()
         self._exchanges = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.exchange is not None]
-        # The leader of a replica with TP followers hands them every step.
+        # The leader of a replica with TP / CP followers hands them every step.
         self._channel = rank.channel if rank is not None and rank.layout.is_replica_leader else None
+        self._cp = rank.cp if rank is not None else None
 
     def _time_sections(self) -> None:
         """Hooks that open the profile's attention and experts sections around those blocks."""
@@ -118,6 +122,8 @@ class ModelRunner:
         if self._channel is not None:
             self._channel.send(BATCH, batch)
         self._begin_step()
+        if self._cp is not None:
+            return self._execute_cp(batch)
         input_ids = self._tensor(batch.input_ids, torch.long)  # [T]
         meta = AttentionMetadata(
             positions=self._tensor(batch.positions, torch.long),  # [T]
@@ -130,6 +136,28 @@ class ModelRunner:
         if len(batch.logits_indices) == 0:
             return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
         last = hidden[self._tensor(batch.logits_indices, torch.long)]  # [S, H]
+        return self.model.compute_logits(last)  # [S, V]
+
+    def _execute_cp(self, batch) -> torch.Tensor:
+        """A step on a CP rank: the model runs on the tokens this rank holds (context_parallel.py);
+        CP rank 0 computes the logits, the others return none."""
+        cfg = self.model.config
+        step = self._cp.begin(batch, cfg.num_heads, cfg.num_kv_heads)
+        local, plain = step.local, step.plain_reqs
+        qsl = batch.query_start_loc
+        lens = qsl[plain + 1] - qsl[plain]  # [Np] new tokens of each plain request
+        meta = AttentionMetadata(
+            positions=self._tensor(batch.positions[local], torch.long),  # [Tl]
+            slot_mapping=self._tensor(batch.slot_mapping[local], torch.long),  # [Tl]
+            query_start_loc=self._tensor(np.concatenate([[0], np.cumsum(lens)]), torch.int32),  # [Np+1]
+            seq_lens=self._tensor(batch.seq_lens[plain], torch.int32),  # [Np]
+            block_tables=self._tensor(batch.block_tables[plain], torch.int32),  # [Np, MB]
+        )
+        hidden = self.model(self._tensor(batch.input_ids[local], torch.long), meta.positions, self.kv_caches,
+                            meta)  # [Tl, H]
+        last = self._cp.gather_samples(hidden)  # [S, H] on CP rank 0
+        if last is None or last.shape[0] == 0:
+            return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
         return self.model.compute_logits(last)  # [S, V]
 
     def follow(self) -> None:

@@ -72,6 +72,8 @@ class Attention(nn.Module):
     """Write this step's K/V into the layer's paged cache, then attend causally over it.
 
     Holds no weights: projections, norms and RoPE belong to the model's attention block.
+    When a sequence's KV is split over ranks, whoever split it installs a `context` that
+    takes over forward (parallel/context_parallel.py); the layer itself reads the same.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -84,6 +86,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.context = None  # set when sequences are split over context-parallel ranks
 
     def forward(
         self,
@@ -93,6 +96,8 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [NB, B, NKV, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, NH, D]
+        if self.context is not None:
+            return self.context(self, q, k, v, kv_cache, meta)
         k_cache, v_cache = kv_cache
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)  # Triton on CUDA, else the ref
         out = ops.paged_attention(

@@ -15,6 +15,8 @@ collectives as forward hooks and one exchange, the way gpt-fast's tp.py shards a
                 the TP group all-gathers the shares. A shared expert is split like a dense MLP.
   experts, TP   every expert's intermediate rows are split over the TP ranks; one allreduce
                 after the layer sums the routed and the (unreduced) shared expert's shares.
+  context       with CP ranks, every attention layer's `context` is the rank's ContextParallel
+                (context_parallel.py): long sequences' tokens and KV are split over the ring.
   vocabulary    embedding rows split (ids outside a rank's rows embed as zeros) + allreduce;
                 lm_head rows split + all-gather, so every rank's logits are one rank's logits.
 
@@ -32,6 +34,7 @@ from expertmesh.layers.norm import RMSNorm
 from expertmesh.models.arch_config import DecoderConfig
 from expertmesh.models.decoder import DenseMLP, MoeForCausalLM, SelfAttentionBlock
 from expertmesh.parallel.all_to_all import ExpertParallel, moe_forward
+from expertmesh.parallel.context_parallel import ContextParallel
 from expertmesh.parallel.layout import ParallelConfig, RankLayout, split
 from expertmesh.parallel.tensor_parallel import GatheredNorm, TensorParallel
 
@@ -47,9 +50,12 @@ def check_layout(layout: ParallelConfig, cfg: DecoderConfig) -> None:
 
 
 def apply_parallelism(model: MoeForCausalLM, layout: RankLayout, tp: TensorParallel | None,
-                      ep: ExpertParallel | None) -> None:
+                      ep: ExpertParallel | None, cp: ContextParallel | None = None) -> None:
     cfg = model.config
     check_layout(layout.config, cfg)
+    if cp is not None:
+        for layer in model.model.layers:
+            layer.self_attn.attn.context = cp
     if tp is not None and tp.world_size > 1:
         _shard_vocabulary(model, tp)
         for layer in model.model.layers:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.errors import CollectiveError
+from expertmesh.parallel.layout import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,9 @@ STARTUP_TIMEOUT_S = 600.0
 @dataclass
 class Groups:
     """The groups one rank uses: `data` carries tensors, `control` carries Python objects (both
-    all ranks); `tp_data` / `tp_control` this rank's tensor-parallel replica; `leaders` the
-    replicas' leaders (TP rank 0 of each), which step together under rank 0's commands."""
+    all ranks); `tp_data` / `tp_control` this rank's tensor-parallel group, `cp_data` its
+    context-parallel ring, `replica_control` its whole replica (the batch broadcast); `leaders`
+    the replicas' leaders (the first rank of each), which step together under rank 0's commands."""
 
     rank: int
     world_size: int
@@ -79,6 +81,8 @@ class Groups:
     same_host: bool
     tp_data: dist.ProcessGroup | None = None
     tp_control: dist.ProcessGroup | None = None
+    cp_data: dist.ProcessGroup | None = None
+    replica_control: dist.ProcessGroup | None = None
     leaders: dist.ProcessGroup | None = None
 
 
@@ -109,11 +113,12 @@ def join_store(info: RankInfo, timeout_s: float, check_peers: Callable[[], None]
     return store
 
 
-def init_groups(info: RankInfo, device: torch.device, timeout_s: float, tp_size: int = 1,
+def init_groups(info: RankInfo, device: torch.device, timeout_s: float, layout: ParallelConfig | None = None,
                 check_peers: Callable[[], None] | None = None) -> Groups:
-    """Join the default group (gloo on CPU, NCCL on CUDA), make the gloo control group and,
-    with tp_size > 1, every replica's TP groups and the leaders' group (all ranks make all of
-    them, in the same order, as torch.distributed requires)."""
+    """Join the default group (gloo on CPU, NCCL on CUDA), make the gloo control group and, for
+    a `layout` with several ranks per replica, every replica's TP groups, CP rings, batch groups
+    and the leaders' group (all ranks make all of them, in the same order, as torch.distributed
+    requires)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = join_store(info, timeout_s, check_peers)
     dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
@@ -127,15 +132,33 @@ def init_groups(info: RankInfo, device: torch.device, timeout_s: float, tp_size:
     hosts: list[str | None] = [None] * info.world_size
     dist.all_gather_object(hosts, socket.gethostname(), group=control)
     groups = Groups(info.rank, info.world_size, world, control, same_host=len(set(hosts)) == 1, leaders=control)
-    if tp_size > 1:
-        for start in range(0, info.world_size, tp_size):
-            ranks = list(range(start, start + tp_size))
-            data = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
-            # The followers wait on it for their leader's next batch however long it idles.
+    if layout is None:  # a bare group (tests, benches): no replicas
+        return groups
+    replicas = [layout.rank(r * layout.replica_size) for r in range(layout.data_parallel_size)]
+    if layout.tensor_parallel_size > 1:
+        for first in replicas:
+            for c in range(layout.context_parallel_size):
+                ranks = layout.rank(first.global_rank + c * layout.tensor_parallel_size).tp_ranks
+                data = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
+                # The followers wait on it for their leader's next batch however long it idles.
+                ctrl = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+                if info.rank in ranks:
+                    groups.tp_data, groups.tp_control = data, ctrl
+    if layout.context_parallel_size > 1:
+        for first in replicas:
+            for t in range(layout.tensor_parallel_size):
+                ranks = layout.rank(first.global_rank + t).cp_ranks
+                data = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
+                if info.rank in ranks:
+                    groups.cp_data = data
+            ranks = first.replica_ranks
             ctrl = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
             if info.rank in ranks:
-                groups.tp_data, groups.tp_control = data, ctrl
-        groups.leaders = dist.new_group(list(range(0, info.world_size, tp_size)), backend="gloo",
+                groups.replica_control = ctrl
+    else:
+        groups.replica_control = groups.tp_control
+    if layout.replica_size > 1:
+        groups.leaders = dist.new_group([r.global_rank for r in replicas], backend="gloo",
                                         timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
     return groups
 

@@ -5,7 +5,7 @@ variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the engine config as 
 calling process is rank 0. Under torchrun (or any launcher that sets those variables) nothing
 is spawned: every process is already a rank. `setup_rank` joins the groups and builds what the
 rank's model needs -- its cores and threads (cpu_binding.py), its place in the layout, the TP
-allreduce, the EP transport, the batch channel of its replica, the DP control channel -- as
+allreduce, the EP transport, the CP ring, the batch channel of its replica, the DP control channel -- as
 one `RankSetup`, which apply.py and the model runner read.
 """
 
@@ -27,10 +27,12 @@ from expertmesh.models.registry import get_model_class
 from expertmesh.parallel.all_to_all import ExpertParallel
 from expertmesh.parallel.allreduce import ShmAllReduce, TorchAllReduce
 from expertmesh.parallel.batch_channel import BatchChannel
+from expertmesh.parallel.context_parallel import ContextParallel
 from expertmesh.parallel.control_channel import ShmControlChannel, TorchControlChannel
 from expertmesh.parallel.cpu_binding import CpuBinding, bind_rank
 from expertmesh.parallel.groups import Groups, RankInfo, destroy_groups, init_groups
 from expertmesh.parallel.layout import RankLayout
+from expertmesh.parallel.ring_attention import TorchRing
 from expertmesh.parallel.shm import ShmTransport
 from expertmesh.parallel.tensor_parallel import TensorParallel
 from expertmesh.step_profile import StepProfile
@@ -71,7 +73,8 @@ class RankSetup:
     groups: Groups
     tp: TensorParallel | None  # None with one TP rank
     ep: ExpertParallel | None  # None with expert parallelism off
-    channel: BatchChannel | None  # the replica's batch broadcast; None with one TP rank
+    channel: BatchChannel | None  # the replica's batch broadcast; None with one rank per replica
+    cp: ContextParallel | None = None  # this rank's place in its replica's CP ring; None with one CP rank
     control: ShmControlChannel | TorchControlChannel | None = None  # rank 0 <-> leaders; None: 1 replica, follower
     binding: CpuBinding | None = None  # this rank's cores and threads (cpu_binding.py); None: unbound
     profile: StepProfile = field(default_factory=StepProfile)  # this rank's step breakdown (off unless asked)
@@ -150,7 +153,7 @@ def setup_rank(config: EngineConfig, info: RankInfo, procs: list[subprocess.Pope
     layout = config.parallel.rank(info.rank)
     config.parallel.check_world(info.world_size)
     try:
-        groups = init_groups(info, device, config.ep_timeout_s, config.parallel.tensor_parallel_size,
+        groups = init_groups(info, device, config.ep_timeout_s, config.parallel,
                              check_peers=lambda: check_procs(procs))
         return _build(config, info, device, layout, groups, procs)
     except BaseException:
@@ -160,12 +163,16 @@ def setup_rank(config: EngineConfig, info: RankInfo, procs: list[subprocess.Pope
 
 def _build(config: EngineConfig, info: RankInfo, device: torch.device, layout: RankLayout, groups: Groups,
            procs: list[subprocess.Popen]) -> RankSetup:
-    tp_size = config.parallel.tensor_parallel_size
-    tp = channel = ep = None
+    tp_size, cp_size = config.parallel.tensor_parallel_size, config.parallel.context_parallel_size
+    tp = channel = ep = cp = None
     profile = StepProfile(enabled=config.step_breakdown)
     if tp_size > 1:
         tp = TensorParallel(layout.tp_rank, tp_size, make_allreduce(config, groups, layout, device))
-        channel = BatchChannel(groups.tp_control, leader=layout.tp_ranks[0])
+    if cp_size > 1:
+        ring = TorchRing(groups.cp_data, layout.cp_ranks, layout.cp_rank, config.ep_timeout_s)
+        cp = ContextParallel(ring, config.cp_min_tokens, config.block_size, config.cp_variant)
+    if config.parallel.replica_size > 1:
+        channel = BatchChannel(groups.replica_control, leader=layout.replica_ranks[0])
     if config.parallel.enable_expert_parallel:
         ep = ExpertParallel(info.rank, info.world_size, make_transport(config, groups, device, profile),
                             max_tokens_per_rank(config), profile)
@@ -175,4 +182,4 @@ def _build(config: EngineConfig, info: RankInfo, device: torch.device, layout: R
         make = ShmControlChannel if groups.same_host else TorchControlChannel
         control = make(groups.leaders, layout.dp_rank, config.parallel.data_parallel_size)
     binding = bind_rank(config.cpu_bind, info.local_rank, info.local_world_size) if device.type == "cpu" else None
-    return RankSetup(layout, groups, tp, ep, channel, control, binding, profile, procs)
+    return RankSetup(layout, groups, tp, ep, channel, cp, control, binding, profile, procs)
