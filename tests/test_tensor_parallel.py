@@ -149,7 +149,7 @@ def test_bad_layouts_are_refused_naming_the_sizes(checkpoints, kwargs, param, fr
 def test_world_size_that_does_not_fit_the_layout_is_refused(checkpoints, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(InvalidRequestError, match="2 x 1 = 2 ranks, but WORLD_SIZE is 3"):
+    with pytest.raises(InvalidRequestError, match="2 x 1 x 1 = 2 ranks, but WORLD_SIZE is 3"):
         LLM(checkpoints["mixtral"], show_progress=False, tensor_parallel_size=2)
 
 

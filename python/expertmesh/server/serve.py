@@ -100,7 +100,8 @@ def serve_main(args: argparse.Namespace, engine_kwargs: dict) -> int:
     config = EngineConfig(model=args.model, **engine_kwargs)  # validates; makes the built-in model if needed
     if args.role != "both" and config.parallel.world_size > 1:
         print(f"expertmesh: error: --role {args.role} runs on one rank for now; got tensor_parallel_size="
-              f"{config.tensor_parallel_size} x data_parallel_size={config.data_parallel_size}", file=sys.stderr)
+              f"{config.tensor_parallel_size} x context_parallel_size={config.context_parallel_size} x "
+              f"data_parallel_size={config.data_parallel_size}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(_serve(args, config))
