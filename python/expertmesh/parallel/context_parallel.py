@@ -84,6 +84,7 @@ class CpStep:
     variants: dict[str, int] = field(default_factory=dict)  # CP requests this step, by variant
     kv_pairs: dict[int, list] = field(default_factory=dict)  # src -> pairs(my pass-KV q, src's pass-KV KV)
     q_pairs: dict[int, list] = field(default_factory=dict)  # src -> pairs(src's pass-Q q, my pass-Q KV)
+    returns_from: list[int] = field(default_factory=list)  # peers whose KV my pass-Q queries see (they send partials)
 
     @property
     def has_cp(self) -> bool:
@@ -160,6 +161,8 @@ def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, 
     for src, held in enumerate(holdings):
         step.kv_pairs[src] = pairs(mine.q_req[:mine.q_split], held.kv_req[:held.kv_split])
         step.q_pairs[src] = pairs(held.q_req[held.q_split:], mine.kv_req[mine.kv_split:])
+        if src != rank and np.intersect1d(mine.q_req[mine.q_split:], held.kv_req[held.kv_split:]).size:
+            step.returns_from.append(src)
     return step
 
 

@@ -156,7 +156,7 @@ def ring_attention(ring: TorchRing, step, q: torch.Tensor, k_cache: torch.Tensor
     mine_q = own.q_pos.shape[0] - cut
     sends = {x: t for x, t in returned.items() if x != me}
     recvs = {x: torch.empty(mine_q, nh, d + 1, dtype=torch.float32, device=q.device)
-             for x in range(n) if x != me and mine_q and step_has_q_pairs(held, x, me)}
+             for x in step.returns_from} if mine_q else {}
     ring.wait(ring.post(sends, recvs))
     sent += sum(t.numel() * 4 for t in sends.values())
     for part in [returned.get(me), *recvs.values()]:
@@ -164,10 +164,3 @@ def ring_attention(ring: TorchRing, step, q: torch.Tensor, k_cache: torch.Tensor
             merge(out[cut:], lse[cut:], part[..., :d], part[..., d])
     return out, sent
 
-
-def step_has_q_pairs(held, computer: int, owner: int) -> bool:
-    """Whether CP rank `computer` holds KV of a pass-Q request whose queries `owner` computes
-    (then it computed partials for them and sends them back)."""
-    mine = held[owner].q_req[held[owner].q_split:]
-    theirs = held[computer].kv_req[held[computer].kv_split:]
-    return np.intersect1d(mine, theirs).size > 0
