@@ -1,14 +1,19 @@
-"""Context parallelism on CPU rank processes: CP=2 (every variant) gives one rank's greedy
-tokens and logprobs for prompts whose lengths do not divide by the ring, mixed with short
-(plain) requests, through prefill and decode; ring partials merged by LSE equal full attention."""
+"""Context parallelism on CPU rank processes gives one rank's greedy tokens and logprobs: CP=2
+in every variant, CP=4 over prompts of thousands of tokens with chunked prefill and prefix-cache
+hits, CP x TP over sliding-window layers, CP x DP with expert parallelism; prompt lengths do not
+divide by the ring and short (plain) requests ride along, through prefill and decode. Ring
+partials merged by LSE equal full attention; a dead CP rank fails its peers."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from expertmesh import LLM, SamplingParams
+from expertmesh.errors import CollectiveError
 from expertmesh.parallel.context_parallel import block_owner
 from expertmesh.parallel.ring_attention import merge, partial_attention
 from model_factory import add_default_tokenizer, make_checkpoint
@@ -53,8 +58,8 @@ def checkpoint(tmp_path_factory):
     return str(add_default_tokenizer(make_checkpoint(root, "mixtral", vocab_size=652, initializer_range=0.1)))
 
 
-def _run(llm: LLM):
-    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+def _run(llm: LLM, prompts=PROMPTS):
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False)
     return [(o.outputs[0].token_ids, [sorted((t, lp.logprob) for t, lp in s.items()) for s in o.outputs[0].logprobs])
             for o in outs]
 
@@ -65,20 +70,88 @@ def reference(checkpoint):
         return _run(llm)
 
 
+def _assert_same(got, want):
+    for (tokens, steps), (want_tokens, want_steps) in zip(got, want, strict=True):
+        assert tokens == want_tokens
+        for step, want_step in zip(steps, want_steps, strict=True):
+            assert [t for t, _ in step] == [t for t, _ in want_step]
+            np.testing.assert_allclose([v for _, v in step], [v for _, v in want_step], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["auto", "pass-kv", "pass-q"])
 def test_context_parallel_equals_single_rank(checkpoint, reference, variant):
     with LLM(checkpoint, show_progress=False, block_size=4, context_parallel_size=2, cp_min_tokens=16,
              cp_variant=variant) as llm:
         got = _run(llm)
         stats = llm.stats()
-    for (tokens, steps), (want_tokens, want_steps) in zip(got, reference, strict=True):
-        assert tokens == want_tokens
-        for step, want in zip(steps, want_steps, strict=True):
-            assert [t for t, _ in step] == [t for t, _ in want]
-            np.testing.assert_allclose([v for _, v in step], [v for _, v in want], rtol=1e-5, atol=1e-5)
+    _assert_same(got, reference)
     cp = stats["context_parallel"]
     assert stats["layout"]["context_parallel"] == 2 and cp["ring_bytes"] > 0
     if variant == "auto":  # prefills pass KV, decodes pass queries
         assert cp["request_steps"]["pass-kv"] > 0 and cp["request_steps"]["pass-q"] > 0
     else:
         assert cp["request_steps"][variant] > 0 and sum(cp["request_steps"].values()) == cp["request_steps"][variant]
+
+
+LONG_PROMPTS = [_RNG.integers(5, 600, size=n).tolist() for n in (2900, 9, 1201, 333)]
+
+
+def test_cp4_long_prompts_chunked_prefill_and_prefix_hits(tmp_path):
+    """CP=4 over prompts of up to 2,900 tokens, prefilled in 512-token chunks; a second pass
+    hits the prefix cache, so its short appends to a long cached context take pass-Q."""
+    path = str(add_default_tokenizer(make_checkpoint(tmp_path, "mixtral", vocab_size=652, initializer_range=0.1,
+                                                     max_position_embeddings=4096)))
+    with LLM(path, show_progress=False, block_size=16) as llm:
+        want = _run(llm, LONG_PROMPTS)
+    with LLM(path, show_progress=False, block_size=16, context_parallel_size=4, cp_min_tokens=64,
+             max_num_batched_tokens=512) as llm:
+        _assert_same(_run(llm, LONG_PROMPTS), want)
+        first = llm.stats()["context_parallel"]["request_steps"]
+        _assert_same(_run(llm, LONG_PROMPTS), want)
+        stats = llm.stats()
+    assert stats["prefix_cache_hits"] > 0
+    second = stats["context_parallel"]["request_steps"]
+    assert first["pass-kv"] > 0  # chunked prefills pass KV
+    # the second pass prefills nothing long, only appends to cached blocks: pass-Q throughout
+    assert second["pass-kv"] == first["pass-kv"] and second["pass-q"] > first["pass-q"]
+
+
+def test_cp2_tp2_over_sliding_window_layers(tmp_path):
+    """Qwen2-MoE with a 24-token window on layer 0 (full attention on 1 and 2), one KV head
+    replicated over TP=2, and CP=2 on top: four ranks, one replica."""
+    path = str(add_default_tokenizer(make_checkpoint(
+        tmp_path, "qwen2_moe", vocab_size=652, initializer_range=0.1, num_hidden_layers=3, mlp_only_layers=[1],
+        use_sliding_window=True, sliding_window=24, max_window_layers=1)))
+    with LLM(path, show_progress=False, block_size=4) as llm:
+        want = _run(llm)
+    with LLM(path, show_progress=False, block_size=4, tensor_parallel_size=2, context_parallel_size=2,
+             cp_min_tokens=16) as llm:
+        assert llm.engine.runner.model.config.sliding_windows == [24, None, None]
+        _assert_same(_run(llm), want)
+        assert llm.stats()["layout"] == {"tensor_parallel": 2, "context_parallel": 2, "data_parallel": 1,
+                                         "expert_parallel": 1}
+
+
+def test_cp2_dp2_expert_parallel_equals_single_rank(checkpoint, reference):
+    """Two replicas of two CP ranks each, the experts split over all four ranks."""
+    with LLM(checkpoint, show_progress=False, block_size=4, context_parallel_size=2, data_parallel_size=2,
+             enable_expert_parallel=True, cp_min_tokens=16) as llm:
+        _assert_same(_run(llm), reference)
+        stats = llm.stats()
+    assert stats["layout"] == {"tensor_parallel": 1, "context_parallel": 2, "data_parallel": 2, "expert_parallel": 4}
+
+
+def test_a_dead_cp_rank_fails_the_others_within_seconds(checkpoint):
+    llm = LLM(checkpoint, show_progress=False, block_size=4, context_parallel_size=2, cp_min_tokens=16,
+              ep_timeout_s=30)
+    try:
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2), use_tqdm=False)
+        peer = llm.engine.runner.rank.procs[0]
+        peer.kill()
+        peer.wait()
+        start = time.monotonic()
+        with pytest.raises(CollectiveError, match="rank 1"):
+            llm.generate([PROMPTS[2]], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.monotonic() - start < 10
+    finally:
+        llm.close()
