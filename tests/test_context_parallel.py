@@ -13,21 +13,13 @@ import pytest
 import torch
 
 from expertmesh import LLM, SamplingParams
-from expertmesh.errors import CollectiveError
-from expertmesh.parallel.context_parallel import block_owner
+from expertmesh.errors import CollectiveError, InvalidRequestError
 from expertmesh.parallel.ring_attention import merge, partial_attention
 from model_factory import add_default_tokenizer, make_checkpoint
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
 _RNG = np.random.default_rng(0)
 PROMPTS = [_RNG.integers(5, 600, size=n).tolist() for n in (70, 5, 133, 41)]
-
-
-def test_zigzag_placement_balances_blocks_and_pins_the_first_ones_to_rank_0():
-    owners = block_owner(np.arange(3 + 16), cp_size=4, first_blocks=3)
-    assert owners[:3].tolist() == [0, 0, 0]
-    assert owners[3:11].tolist() == [0, 1, 2, 3, 3, 2, 1, 0]
-    assert np.bincount(owners[3:], minlength=4).tolist() == [4, 4, 4, 4]
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -91,6 +83,21 @@ def test_context_parallel_equals_single_rank(checkpoint, reference, variant):
         assert cp["request_steps"]["pass-kv"] > 0 and cp["request_steps"]["pass-q"] > 0
     else:
         assert cp["request_steps"][variant] > 0 and sum(cp["request_steps"].values()) == cp["request_steps"][variant]
+
+
+def test_each_cp_rank_holds_its_share_of_the_kv_cache(checkpoint, reference):
+    """24 blocks per rank cannot hold one 160-token sequence (40 blocks of 4); split over CP=2
+    (rank 0: the 4 first blocks and half the rest, 22) they can, and the prompts run with their
+    KV spread over both ranks' caches."""
+    small = dict(show_progress=False, block_size=4, kv_cache_blocks=24, max_model_len=160, cp_min_tokens=16)
+    with pytest.raises(InvalidRequestError, match=r"kv_cache_blocks 24 cannot hold one sequence of max_model_len 160 "
+                                                  r"\(40 blocks of 4 tokens\)"):
+        LLM(checkpoint, **small)
+    with LLM(checkpoint, context_parallel_size=2, **small) as llm:
+        assert llm.engine.runner.kv_caches[0][0].shape[0] == 24 and llm.engine.scheduler.num_blocks == 48
+        _assert_same(_run(llm), reference)
+    with pytest.raises(InvalidRequestError, match="22 blocks of 4 tokens on one of 2 context-parallel ranks"):
+        LLM(checkpoint, context_parallel_size=2, **{**small, "kv_cache_blocks": 21})
 
 
 LONG_PROMPTS = [_RNG.integers(5, 600, size=n).tolist() for n in (2900, 9, 1201, 333)]

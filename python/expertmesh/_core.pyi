@@ -15,7 +15,7 @@ import numpy.typing as npt
 from expertmesh.errors import CoreError as CoreError
 
 __all__ = [
-    "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "RoutingPlan", "route",
+    "CoreError", "MAX_TOKEN_ID", "Scheduler", "SchedulerOutput", "kv_blocks_per_rank", "RoutingPlan", "route",
     "DispatchPlan", "ReceivePlan", "A2aCapacity", "PhaseRing", "PhaseHandle", "plan_dispatch", "plan_receive",
     "ShmRows", "MoeDispatch", "paged_attention", "quant_linear", "use_openmp",
 ]
@@ -46,8 +46,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_prefix_caching: bool = True,
+        context_parallel_size: int = 1,
+        cp_first_blocks: int = 0,
     ) -> Self:
-        """Raises CoreError if a size is < 1 (or num_blocks / max_model_len >= 2**31)."""
+        """Raises CoreError if a size is < 1 (or num_blocks / max_model_len >= 2**31). With
+        context_parallel_size N > 1 the pool is split into N equal runs of block ids, one per
+        CP rank (num_blocks must divide by N); block i of a sequence comes from the run of the
+        rank the placement gives it: rank 0 for i < cp_first_blocks, then a zigzag over
+        periods of 2N (rank j for offset j < N, 2N-1-j otherwise)."""
     def add_request(
         self,
         request_id: int,
@@ -61,7 +67,8 @@ class Scheduler:
     ) -> None:
         """Queues a request. Raises CoreError for a duplicate id, an empty prompt, a token id
         outside [0, 2**31 - 1], max_tokens < 1, prompt_len + max_tokens > max_model_len, or a
-        request whose KV (prompt_len + max_tokens - 1 tokens) can never fit in num_blocks."""
+        request whose KV (prompt_len + max_tokens - 1 tokens) can never fit in num_blocks (or,
+        split over CP ranks, in one rank's run)."""
     def schedule(self) -> SchedulerOutput:
         """Picks this step's batch. Raises CoreError if the previous non-empty step has not
         been passed to update() (or all its requests finished)."""
@@ -104,6 +111,9 @@ class Scheduler:
     def num_free_blocks(self) -> int: ...
     @property
     def num_blocks(self) -> int: ...
+    @property
+    def blocks_per_rank(self) -> int:
+        """Blocks in each CP rank's run of ids (num_blocks without context parallelism)."""
     def stats(self) -> dict[str, int]:
         """prefix_cache_queries and prefix_cache_hits (both in tokens, counted once per
         admission), num_preemptions, num_free_blocks, num_cached_blocks."""
@@ -169,6 +179,10 @@ class RoutingPlan:
     @property
     def rank_send_counts(self) -> npt.NDArray[np.int64]:
         """[R] distinct tokens sent to each rank (rank r owns experts [r*E/R, (r+1)*E/R))."""
+
+def kv_blocks_per_rank(num_blocks: int, *, context_parallel_size: int, cp_first_blocks: int) -> int:
+    """The most of a sequence's first num_blocks KV blocks that one CP rank holds under the
+    Scheduler's placement. Raises CoreError if context_parallel_size < 1 or a value is < 0."""
 
 def route(topk_ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], num_experts: int, num_ranks: int = 1) -> RoutingPlan:
     """Builds the routing plan for ``topk_ids`` [T, k] (int32 or int64). Raises CoreError if an

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expertmesh._core import kv_blocks_per_rank
 from expertmesh.errors import InvalidRequestError
 from expertmesh.models.loader import DTYPES
 from expertmesh.parallel.cpu_binding import parse_cpu_bind
@@ -30,7 +31,8 @@ class EngineConfig:
     CPU (models/loader.py). max_model_len: longest prompt + output; None means the checkpoint's
     max_position_embeddings. quantization: "int8" or "fp8" weights quantized at load (quant/);
     None serves the checkpoint as stored (an FP8 checkpoint as fp8). kv_cache_blocks: paged KV
-    blocks of block_size tokens; None means
+    blocks of block_size tokens per rank (a replica's CP ranks each hold their own, so its pool
+    is context_parallel_size times that); None means
     enough for max_num_seqs full-length sequences, capped by kv_cache_memory_bytes -- or, with
     gpu_memory_utilization (vLLM's spelling: the share of the device's memory, the GPU's on CUDA
     and the host's RAM on the CPU, for weights and KV cache together), by what the weights
@@ -129,6 +131,12 @@ class EngineConfig:
                     value=self.model,
                 )
 
+    @property
+    def cp_first_blocks(self) -> int:
+        """Leading KV blocks of every sequence that CP rank 0 holds: those of a request too
+        short for context parallelism (none without it)."""
+        return -(-self.cp_min_tokens // self.block_size) if self.context_parallel_size > 1 else 0
+
     def resolve_max_model_len(self, max_position_embeddings: int) -> int:
         if self.max_model_len is None:
             return max_position_embeddings
@@ -146,7 +154,10 @@ class EngineConfig:
         """Blocks for the KV cache: as asked, else enough for every sequence at full length
         within the memory budget (and at least one full-length sequence). The budget is
         kv_cache_memory_bytes, or gpu_memory_utilization x device_memory - weight_bytes."""
-        per_seq = math.ceil(max_model_len / self.block_size)
+        # Blocks one rank holds of a full-length sequence: all of them, or under CP its busiest share.
+        per_seq = kv_blocks_per_rank(math.ceil(max_model_len / self.block_size),
+                                     context_parallel_size=self.context_parallel_size,
+                                     cp_first_blocks=self.cp_first_blocks)
         if self.kv_cache_blocks is not None:
             blocks = self.kv_cache_blocks
         else:
@@ -162,9 +173,12 @@ class EngineConfig:
             wanted = per_seq * self.max_num_seqs
             blocks = min(wanted, max(per_seq, budget // bytes_per_block))
         if blocks < per_seq:
+            on_rank = f" on one of {self.context_parallel_size} context-parallel ranks" \
+                if self.context_parallel_size > 1 else ""
             raise InvalidRequestError(
                 f"kv_cache_blocks {blocks} cannot hold one sequence of max_model_len {max_model_len} "
-                f"({per_seq} blocks of {self.block_size} tokens); raise kv_cache_blocks or lower max_model_len",
+                f"({per_seq} blocks of {self.block_size} tokens{on_rank}); raise kv_cache_blocks or lower "
+                f"max_model_len",
                 param="kv_cache_blocks",
                 value=blocks,
             )

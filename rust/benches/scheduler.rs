@@ -26,6 +26,7 @@ impl Load {
         let blocks_per_request = (PROMPT_LEN + MAX_TOKENS as usize).div_ceil(BLOCK_SIZE);
         let sched = Scheduler::new(SchedulerConfig {
             num_blocks: num_requests * blocks_per_request + 64,
+            placement: Default::default(),
             block_size: BLOCK_SIZE,
             max_num_seqs: num_requests,
             max_num_batched_tokens: num_requests + 4 * PROMPT_LEN,

@@ -65,6 +65,24 @@ pub enum CoreError {
         /// Blocks in the pool.
         num_blocks: usize,
     },
+    /// Under context parallelism: one CP rank would need more of a request's KV blocks than it
+    /// holds.
+    #[error(
+        "request needs up to {needed_blocks} KV blocks on one of {cp_size} context-parallel ranks \
+         ({num_tokens} tokens at block_size {block_size}) but each rank holds {blocks_per_rank}"
+    )]
+    NeverFitsOnRank {
+        /// Blocks the busiest rank needs for the request at its longest.
+        needed_blocks: usize,
+        /// Tokens whose KV the request keeps at its longest.
+        num_tokens: usize,
+        /// Tokens per block.
+        block_size: usize,
+        /// CP ranks the pool is split over.
+        cp_size: usize,
+        /// Blocks each rank holds.
+        blocks_per_rank: usize,
+    },
     /// `update()` received a different number of tokens than the last step sampled.
     #[error("sampled_token_ids must have one entry per sample_request_id ({expected}), got {got}")]
     SampleCountMismatch {

@@ -119,7 +119,9 @@ impl Scheduler {
         }
         let wanted = have + count - hits.len();
         while imported.blocks.len() < wanted {
-            let Some(b) = self.pool.allocate() else { break };
+            let Some(b) = self.pool.allocate(hits.len() + imported.blocks.len()) else {
+                break;
+            };
             imported.blocks.push(b);
         }
         let mut cursor = if hits.is_empty() {

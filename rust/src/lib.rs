@@ -1,7 +1,8 @@
 //! expertmesh core: the parts of the engine that are pure bookkeeping and must be fast.
 //!
 //! - [`block_pool`]: paged KV blocks, reference counts, prefix cache with an LRU free queue
-//!   (`free_queue`); chained block hashes in [`block_hash`].
+//!   (`free_queue`) per context-parallel rank; chained block hashes in [`block_hash`]; which
+//!   rank holds each block of a sequence in [`kv_placement`].
 //! - [`scheduler`]: continuous batching: admission ([`scheduler_config`] validates requests),
 //!   `update` after sampling, finish/abort; the step itself (token budget, decodes first,
 //!   chunked prefill, preemption) in `schedule_step`; the batch arrays in `scheduler_output`.
@@ -33,6 +34,7 @@ pub mod block_pool;
 pub mod cpu_pool;
 pub mod error;
 mod free_queue;
+pub mod kv_placement;
 pub mod kv_transfer;
 pub mod moe_exchange;
 pub mod paged_attention;
@@ -50,7 +52,7 @@ mod py;
 
 pub use a2a::{plan_dispatch, plan_receive, DispatchPlan, ReceivePlan};
 pub use a2a_buffers::{A2aCapacity, PhaseHandle, PhaseRing};
-pub use block_pool::{BlockHash, BlockId, BlockPool};
+pub use block_pool::{BlockHash, BlockId, BlockPool, KvPlacement};
 pub use error::{CoreError, CoreResult};
 pub use request::{FinishReason, Request, RequestStatus, StopConditions, TokenId};
 pub use routing::{route, RoutingPlan};

@@ -108,11 +108,7 @@ impl Scheduler {
             let computed = hits.len() * bs;
             let n = (num_tokens - computed).min(self.budget);
             let new_blocks = (computed + n).div_ceil(bs) - hits.len();
-            let hits_now_free = hits
-                .iter()
-                .filter(|&&b| self.pool.ref_count(b) == 0)
-                .count();
-            if self.pool.num_free_blocks() - hits_now_free < new_blocks {
+            if !self.pool.fits(hits.len(), hits.len() + new_blocks, &hits) {
                 self.hit_scratch = hits;
                 break;
             }
@@ -125,9 +121,9 @@ impl Scheduler {
             let cursor = self.pool.cursor_after_hits(&hits);
             let req = self.slots[slot].as_mut().expect("live slot");
             req.blocks.extend_from_slice(&hits);
-            for _ in 0..new_blocks {
+            for index in hits.len()..hits.len() + new_blocks {
                 req.blocks
-                    .push(self.pool.allocate().expect("checked free blocks"));
+                    .push(self.pool.allocate(index).expect("checked free blocks"));
             }
             req.num_computed_tokens = computed;
             req.cache_cursor = cursor;
@@ -147,18 +143,16 @@ impl Scheduler {
     fn ensure_blocks(&mut self, slot: usize, n: usize) -> bool {
         let bs = self.config.block_size;
         let req = self.req(slot);
-        let need = (req.num_computed_tokens + n)
-            .div_ceil(bs)
-            .saturating_sub(req.blocks.len());
-        while self.pool.num_free_blocks() < need {
+        let (have, want) = (req.blocks.len(), (req.num_computed_tokens + n).div_ceil(bs));
+        while !self.pool.fits(have, want, &[]) {
             let victim = *self.running.last().expect("the requester is running");
             self.preempt(victim);
             if victim == slot {
                 return false;
             }
         }
-        for _ in 0..need {
-            let b = self.pool.allocate().expect("checked free blocks");
+        for index in have..want {
+            let b = self.pool.allocate(index).expect("checked free blocks");
             self.req_mut(slot).blocks.push(b);
         }
         true
@@ -237,12 +231,14 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use crate::kv_placement::KvPlacement;
     use crate::scheduler::{NewRequest, Scheduler, SchedulerConfig};
     use crate::FinishReason;
 
     fn sched(num_blocks: usize, block_size: usize, budget: usize) -> Scheduler {
         Scheduler::new(SchedulerConfig {
             num_blocks,
+            placement: KvPlacement::default(),
             block_size,
             max_num_seqs: 8,
             max_num_batched_tokens: budget,
@@ -461,6 +457,7 @@ mod tests {
     fn stop_tokens_and_max_num_seqs() {
         let mut s = Scheduler::new(SchedulerConfig {
             num_blocks: 32,
+            placement: KvPlacement::default(),
             block_size: 4,
             max_num_seqs: 1,
             max_num_batched_tokens: 64,

@@ -82,10 +82,11 @@ impl Scheduler {
             1,
             i32::MAX as i128,
         )?;
-        let pool = BlockPool::new(
+        let pool = BlockPool::with_placement(
             config.num_blocks,
             config.block_size,
             config.enable_prefix_caching,
+            config.placement,
         )?;
         Ok(Scheduler {
             config,
@@ -296,6 +297,10 @@ impl Scheduler {
     pub fn num_blocks(&self) -> usize {
         self.pool.num_blocks()
     }
+    /// KV blocks each CP rank holds (all of them without context parallelism).
+    pub fn blocks_per_rank(&self) -> usize {
+        self.pool.blocks_per_rank()
+    }
 
     /// Counters for monitoring.
     pub fn stats(&self) -> SchedulerStats {
@@ -326,8 +331,16 @@ impl Scheduler {
                     req.blocks.len()
                 ));
             }
-            for &b in &req.blocks {
+            for (index, &b) in req.blocks.iter().enumerate() {
                 owners[b as usize] += 1;
+                let want_rank = self.config.placement.rank_of(index);
+                if self.pool.rank_of_block(b) != want_rank {
+                    return Err(format!(
+                        "request {}: block {index} is {b} on CP rank {}, placement says {want_rank}",
+                        req.id,
+                        self.pool.rank_of_block(b)
+                    ));
+                }
             }
         }
         for &b in self.pins.values().flatten() {

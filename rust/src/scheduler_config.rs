@@ -2,13 +2,16 @@
 //! it reports; plus the validation that turns a `NewRequest` into a `Request`.
 
 use crate::error::{check_at_least, check_in_range, CoreError, CoreResult};
+use crate::kv_placement::KvPlacement;
 use crate::request::{check_token_ids, Request, StopConditions, TokenId, MAX_TOKEN_ID};
 
 /// Sizes and limits of a scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// KV blocks in the pool.
+    /// KV blocks in the pool, over all CP ranks (a multiple of `placement.cp_size`).
     pub num_blocks: usize,
+    /// Which CP rank holds each block index of a sequence.
+    pub placement: KvPlacement,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Most requests running at once.
@@ -89,6 +92,17 @@ impl NewRequest {
                 num_blocks: c.num_blocks,
             });
         }
+        let (cp_size, per_rank) = (c.placement.cp_size, c.num_blocks / c.placement.cp_size);
+        let busiest = c.placement.max_per_rank(needed_blocks);
+        if busiest > per_rank {
+            return Err(CoreError::NeverFitsOnRank {
+                needed_blocks: busiest,
+                num_tokens,
+                block_size: c.block_size,
+                cp_size,
+                blocks_per_rank: per_rank,
+            });
+        }
         let stop = StopConditions {
             max_tokens,
             stop_token_ids: self.stop_token_ids.iter().map(|&t| t as TokenId).collect(),
@@ -117,6 +131,7 @@ pub(crate) mod test_support {
     pub(crate) fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
         SchedulerConfig {
             num_blocks,
+            placement: KvPlacement::default(),
             block_size,
             max_num_seqs: 8,
             max_num_batched_tokens: 64,
@@ -172,5 +187,35 @@ mod tests {
         // 10 + 7 - 1 = 16 tokens fit exactly.
         s.add_request(new_request(3, 10, 7)).unwrap();
         assert_eq!(s.num_waiting(), 2);
+    }
+
+    #[test]
+    fn a_cp_split_pool_holds_a_sequence_no_one_rank_could() {
+        // 2 ranks x 4 blocks of 4 tokens; rank 0 holds blocks 0, 1 (first_blocks), 2 and 5.
+        let mut c = config(8, 4);
+        c.placement = KvPlacement {
+            cp_size: 2,
+            first_blocks: 2,
+        };
+        let mut s = Scheduler::new(c).unwrap();
+        // 24 + 1 - 1 = 24 tokens: 6 blocks, 4 on rank 0 and 2 on rank 1.
+        s.add_request(new_request(1, 24, 1)).unwrap();
+        let out = s.schedule().unwrap();
+        let owners: Vec<usize> = out.block_tables[..6].iter().map(|&b| b as usize / 4).collect();
+        assert_eq!(owners, [0, 0, 0, 1, 1, 0]);
+        s.check_invariants().unwrap();
+        // 7 blocks would put 5 on rank 0.
+        let err = s.add_request(new_request(2, 28, 1)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "request needs up to 5 KV blocks on one of 2 context-parallel ranks (28 tokens at \
+             block_size 4) but each rank holds 4"
+        );
+        let mut odd = config(7, 4);
+        odd.placement.cp_size = 2;
+        assert!(Scheduler::new(odd)
+            .unwrap_err()
+            .to_string()
+            .contains("num_blocks must be a multiple of context_parallel_size 2"));
     }
 }

@@ -1,7 +1,8 @@
 //! Property tests of the KV block pool: random sequences are cached, shared and freed, and the
-//! pool's invariants hold after every operation.
+//! pool's invariants hold after every operation; split over CP ranks, every block of a
+//! sequence (allocated or hit) lies on the rank its index is placed on.
 
-use _core::block_pool::{extend_block_hashes, BlockPool};
+use _core::block_pool::{extend_block_hashes, BlockPool, KvPlacement};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -23,8 +24,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     #[test]
-    fn pool_invariants_hold(num_blocks in 1usize..12, block_size in 1usize..4, ops in proptest::collection::vec(op(), 1..60)) {
-        let mut pool = BlockPool::new(num_blocks, block_size, true).unwrap();
+    fn pool_invariants_hold(per_rank in 1usize..12, cp_size in 1usize..4, first_blocks in 0usize..3,
+                            block_size in 1usize..4, ops in proptest::collection::vec(op(), 1..60)) {
+        let num_blocks = per_rank * cp_size;
+        let placement = KvPlacement { cp_size, first_blocks };
+        let mut pool = BlockPool::with_placement(num_blocks, block_size, true, placement).unwrap();
         let mut live: Vec<(Vec<u32>, Vec<u32>)> = Vec::new(); // (tokens, block table)
         // What each block's KV was computed from: the whole token prefix through that block.
         let mut kv_source: Vec<Vec<u32>> = vec![Vec::new(); num_blocks];
@@ -37,8 +41,7 @@ proptest! {
                     extend_block_hashes(&mut hashes, &tokens, block_size, num_full);
                     let mut hits = Vec::new();
                     pool.find_cached_prefix(&hashes, &tokens, (tokens.len() - 1) / block_size, &mut hits);
-                    let free_hits = hits.iter().filter(|&&b| pool.ref_count(b) == 0).count();
-                    if pool.num_free_blocks() - free_hits < needed - hits.len() {
+                    if !pool.fits(hits.len(), needed, &hits) {
                         continue;
                     }
                     for &b in &hits {
@@ -52,7 +55,7 @@ proptest! {
                     }
                     let mut table = hits.clone();
                     while table.len() < needed {
-                        let b = pool.allocate().unwrap();
+                        let b = pool.allocate(table.len()).unwrap();
                         prop_assert_eq!(pool.ref_count(b), 1, "a fresh block is owned by nobody else");
                         prop_assert!(live.iter().all(|(_, t)| !t.contains(&b)), "block {} owned twice", b);
                         let end = ((table.len() + 1) * block_size).min(tokens.len());
@@ -69,6 +72,9 @@ proptest! {
                                 prop_assert_eq!(&other_tokens[..(i + 1) * block_size], &tokens[..(i + 1) * block_size]);
                             }
                         }
+                    }
+                    for (i, &b) in table.iter().enumerate() {
+                        prop_assert_eq!(pool.rank_of_block(b), placement.rank_of(i), "block {} of a sequence", i);
                     }
                     live.push((tokens, table));
                 }

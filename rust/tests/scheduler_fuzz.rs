@@ -4,11 +4,12 @@
 //! drawn from the whole range of their types (ids, token ids, max_tokens and priorities at and
 //! beyond every limit, updates of the wrong length, calls out of order). The scheduler must
 //! answer each call with `Ok` or a `CoreError`, never a panic; its invariants hold after every
-//! call; and once every request is aborted, every KV block is free again.
+//! call (each block of a sequence on the CP rank its index is placed on, when the pool is split);
+//! and once every request is aborted, every KV block is free again.
 
 use std::collections::HashSet;
 
-use _core::{CoreError, FinishReason, NewRequest, Scheduler, SchedulerConfig};
+use _core::{CoreError, FinishReason, KvPlacement, NewRequest, Scheduler, SchedulerConfig};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -78,7 +79,9 @@ proptest! {
 
     #[test]
     fn arbitrary_calls_never_panic_and_never_leak_a_block(
-        num_blocks in 1usize..12,
+        per_rank in 1usize..12,
+        cp_size in 1usize..4,
+        first_blocks in 0usize..3,
         block_size in 1usize..5,
         max_num_seqs in 1usize..5,
         budget in 1usize..20,
@@ -87,8 +90,8 @@ proptest! {
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let config = SchedulerConfig {
-            num_blocks, block_size, max_num_seqs, max_num_batched_tokens: budget, max_model_len,
-            enable_prefix_caching: caching,
+            num_blocks: per_rank * cp_size, block_size, max_num_seqs, max_num_batched_tokens: budget, max_model_len,
+            enable_prefix_caching: caching, placement: KvPlacement { cp_size, first_blocks },
         };
         let mut s = Scheduler::new(config).unwrap();
         let mut added: HashSet<u64> = HashSet::new();

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use _core::{CoreError, FinishReason, NewRequest, Scheduler, SchedulerConfig};
+use _core::{CoreError, FinishReason, KvPlacement, NewRequest, Scheduler, SchedulerConfig};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -56,7 +56,9 @@ proptest! {
 
     #[test]
     fn every_request_finishes_and_no_block_leaks(
-        num_blocks in 4usize..16,
+        per_rank in 4usize..16,
+        cp_size in 1usize..4,
+        first_blocks in 0usize..3,
         block_size in 1usize..5,
         max_num_seqs in 1usize..6,
         budget in 1usize..24,
@@ -64,9 +66,10 @@ proptest! {
         arrivals in proptest::collection::vec(arrival(), 1..16),
         seed in 1u64..u64::MAX,
     ) {
+        let num_blocks = per_rank * cp_size;
         let config = SchedulerConfig {
             num_blocks, block_size, max_num_seqs, max_num_batched_tokens: budget,
-            max_model_len: 40, enable_prefix_caching: caching,
+            max_model_len: 40, enable_prefix_caching: caching, placement: KvPlacement { cp_size, first_blocks },
         };
         let mut s = Scheduler::new(config).unwrap();
         let mut rng = seed;
@@ -83,7 +86,7 @@ proptest! {
                 };
                 match s.add_request(req) {
                     Ok(()) => { seqs.insert(id as u64, a.prompt.clone()); added_at.insert(id as u64, step); }
-                    Err(CoreError::NeverFits { .. } | CoreError::ExceedsModelLen { .. }) => {}
+                    Err(CoreError::NeverFits { .. } | CoreError::NeverFitsOnRank { .. } | CoreError::ExceedsModelLen { .. }) => {}
                     Err(e) => prop_assert!(false, "unexpected error {e}"),
                 }
             }

@@ -43,13 +43,16 @@ class LLMEngine:
         self.tokenizer = CheckpointTokenizer.from_dir(config.model_path)
         self.max_model_len = self.runner.max_model_len
         self.limits = RequestLimits(self.runner.vocab_size, self.max_model_len)
+        cp_size = config.context_parallel_size
         self.scheduler = Scheduler(
-            num_blocks=self.runner.num_kv_blocks,
+            num_blocks=self.runner.num_kv_blocks * cp_size,  # each CP rank's cache holds its own run of ids
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
+            context_parallel_size=cp_size,
+            cp_first_blocks=config.cp_first_blocks,
         )
         self.sampler = Sampler()
         self._expert_parallel = self.runner.expert_parallel  # every step joins the MoE all-to-alls

@@ -142,13 +142,14 @@ class ModelRunner:
         """A step on a CP rank: the model runs on the tokens this rank holds (context_parallel.py);
         CP rank 0 computes the logits, the others return none."""
         cfg = self.model.config
-        step = self._cp.begin(batch, cfg.num_heads, cfg.num_kv_heads)
+        step = self._cp.begin(batch, cfg.num_heads, cfg.num_kv_heads, self.num_kv_blocks)
         local, plain = step.local, step.plain_reqs
         qsl = batch.query_start_loc
         lens = qsl[plain + 1] - qsl[plain]  # [Np] new tokens of each plain request
+        first_slot = self._cp.rank * self.num_kv_blocks * self._cp.block_size  # start of this rank's block ids
         meta = AttentionMetadata(
             positions=self._tensor(batch.positions[local], torch.long),  # [Tl]
-            slot_mapping=self._tensor(batch.slot_mapping[local], torch.long),  # [Tl]
+            slot_mapping=self._tensor(batch.slot_mapping[local] - first_slot, torch.long),  # [Tl] in this cache
             query_start_loc=self._tensor(np.concatenate([[0], np.cumsum(lens)]), torch.int32),  # [Np+1]
             seq_lens=self._tensor(batch.seq_lens[plain], torch.int32),  # [Np]
             block_tables=self._tensor(batch.block_tables[plain], torch.int32),  # [Np, MB]

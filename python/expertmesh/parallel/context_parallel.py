@@ -1,14 +1,15 @@
 """Context parallelism: long sequences' tokens and KV split over a replica's CP ranks.
 
 Placement is by KV block, from the block's index in its sequence, so it never changes while a
-sequence grows. The first m = ceil(cp_min_tokens / B) blocks live on CP rank 0; after them
-blocks go round in periods of 2N: j = (b - m) mod 2N goes to rank j for j < N and to rank
-2N-1-j otherwise -- the zigzag that balances causal work (rank i holds pieces i and 2N-1-i of
-every 2N). A token lives with its block: the block's owner computes the token's hidden state
-and writes its KV, so decode appends and chunked-prefill chunks spread by the same rule, and a
-prefix-cache hit finds each cached block's KV on the rank that owns it. (The published scheme
-cuts a prompt into 2N equal chunks; those chunks move whenever the sequence grows, and the
-cached KV would have to move with them.)
+sequence grows (rust/src/kv_placement.rs): the first m = ceil(cp_min_tokens / B) blocks live on
+CP rank 0, the rest go round in a zigzag over periods of 2N that balances causal work (rank i
+holds pieces i and 2N-1-i of every 2N). The scheduler's pool gives each CP rank its own run of
+P block ids and allocates every block from its rank's run, so a block id names its rank (id //
+P) and each rank's KV cache holds only its P blocks. A token lives with its block: the block's
+owner computes the token's hidden state and writes its KV, so decode appends and chunked-prefill
+chunks spread by the same rule, and a prefix-cache hit finds each cached block's KV on the rank
+that owns it. (The published scheme cuts a prompt into 2N equal chunks; those chunks move
+whenever the sequence grows, and the cached KV would have to move with them.)
 
 A request is context-parallel when its sequence (context + new tokens) is longer than
 cp_min_tokens. A shorter one only has blocks below m, so it lives wholly on rank 0, which runs
@@ -22,7 +23,7 @@ stay) when new / (new + cached) >= 2 NKV / NH, else pass-Q (queries travel, part
 come back): the rule of Yang et al., "Context Parallelism for Scalable Million-Token
 Inference" (2024), which compares the bytes each would send. `cp_variant` forces one.
 
-Legend: T tokens, N requests, S sampled rows, B block size, L KV tokens a rank holds.
+Legend: T tokens, N requests, S sampled rows, B block size, P blocks per rank, L KV tokens a rank holds.
 """
 
 from __future__ import annotations
@@ -37,13 +38,6 @@ from expertmesh.parallel.ring_attention import TorchRing, ring_attention
 from expertmesh_kernels import ops
 
 PASS_KV, PASS_Q = CP_VARIANTS[1:]
-
-
-def block_owner(blocks: np.ndarray, cp_size: int, first_blocks: int) -> np.ndarray:
-    """CP rank that holds each block index (see the module docstring)."""
-    j = (blocks - first_blocks) % (2 * cp_size)
-    zigzag = np.where(j < cp_size, j, 2 * cp_size - 1 - j)
-    return np.where(blocks < first_blocks, 0, zigzag)
 
 
 @dataclass
@@ -78,7 +72,7 @@ class CpStep:
     num_plain: int  # the first num_plain of them belong to plain requests (rank 0 only)
     plain_reqs: np.ndarray  # [Np] batch index of the plain requests (rank 0; none elsewhere)
     holdings: list[Holding]  # what every CP rank holds, by CP rank
-    own_slots: torch.Tensor  # [L] int64 cache slots of this rank's KV tokens (holdings[rank].kv_*)
+    own_slots: torch.Tensor  # [L] int64 slots in this rank's cache of its KV tokens (holdings[rank].kv_*)
     sample_owner: np.ndarray  # [S] CP rank holding each sampled row's hidden state
     sample_local: np.ndarray  # [S] its index in that rank's local tokens
     variants: dict[str, int] = field(default_factory=dict)  # CP requests this step, by variant
@@ -91,11 +85,10 @@ class CpStep:
         return bool(self.variants)
 
 
-def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, variant: str,
-              num_heads: int, num_kv_heads: int) -> CpStep:
+def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, blocks_per_rank: int,
+              variant: str, num_heads: int, num_kv_heads: int) -> CpStep:
     """The step's placement and ring contents, the same on every CP rank (from the same batch)."""
     bsz = block_size
-    first = -(-min_tokens // bsz)
     qsl = np.asarray(batch.query_start_loc, dtype=np.int64)  # [N+1]
     seq_lens = np.asarray(batch.seq_lens, dtype=np.int64)  # [N]
     positions = np.asarray(batch.positions, dtype=np.int64)  # [T]
@@ -112,8 +105,8 @@ def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, 
     plain_reqs = np.flatnonzero(~is_cp)
     plain_tokens = np.concatenate([np.arange(qsl[n], qsl[n + 1]) for n in plain_reqs] or [np.zeros(0, np.int64)])
 
-    # Per CP request: owner of every block of the sequence, and of every new token.
-    block_owners = {n: block_owner(np.arange(-(-seq_lens[n] // bsz)), cp_size, first) for n in (*cp_kv, *cp_q)}
+    # Per CP request: owner of every block of the sequence (named by the block id), and of every new token.
+    block_owners = {n: tables[n, :-(-seq_lens[n] // bsz)] // blocks_per_rank for n in (*cp_kv, *cp_q)}
     token_owner = np.zeros(positions.shape[0], dtype=np.int64)  # [T] plain tokens: rank 0
     for n, owners in block_owners.items():
         lo, hi = qsl[n], qsl[n + 1]
@@ -137,7 +130,7 @@ def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, 
                                 positions[q_index_x], q_req_x, int(sum(len(i) for i in q_index[:len(cp_kv)]))))
 
     mine = holdings[rank]
-    slots = tables[mine.kv_req, mine.kv_pos // bsz] * bsz + mine.kv_pos % bsz  # [L]
+    slots = (tables[mine.kv_req, mine.kv_pos // bsz] - rank * blocks_per_rank) * bsz + mine.kv_pos % bsz  # [L]
     local = np.concatenate([plain_tokens, mine.q_index]) if rank == 0 else mine.q_index
 
     # Sampled rows: where each one's hidden state is computed, and its index there.
@@ -178,9 +171,9 @@ class ContextParallel:
         self.request_steps = {PASS_KV: 0, PASS_Q: 0}  # CP requests run, step by step, per variant
         self.ring_bytes = 0  # bytes this rank sent over the ring (and the pass-Q returns)
 
-    def begin(self, batch, num_heads: int, num_kv_heads: int) -> CpStep:
-        self.step = plan_step(batch, self.rank, self.size, self.min_tokens, self.block_size, self.variant,
-                              num_heads, num_kv_heads)
+    def begin(self, batch, num_heads: int, num_kv_heads: int, blocks_per_rank: int) -> CpStep:
+        self.step = plan_step(batch, self.rank, self.size, self.min_tokens, self.block_size, blocks_per_rank,
+                              self.variant, num_heads, num_kv_heads)
         for name, count in self.step.variants.items():
             self.request_steps[name] += count
         return self.step

@@ -6,11 +6,18 @@
 //! only then evicts its hash. A hit is trusted only after checking the block's stored tokens and
 //! that its parent is the block matched just before it (same id, same allocation generation), so
 //! a 64-bit hash collision can never hand out KV computed for other tokens.
+//!
+//! Under context parallelism the pool is split into equal runs of block ids, one per CP rank
+//! (each rank's KV cache holds only its run), with one free queue each: block `index` of a
+//! sequence is allocated from the run of the rank [`KvPlacement`] gives it. A prefix hit
+//! needs no care: a chained hash fixes the block's index, so the cached block is on the
+//! right rank already.
 
 use crate::block_hash::HashToBlock;
 pub use crate::block_hash::{extend_block_hashes, hash_block, BlockHash, BlockId, ROOT_HASH};
 use crate::error::{check_at_least, CoreError, CoreResult};
 use crate::free_queue::FreeQueue;
+pub use crate::kv_placement::KvPlacement;
 use crate::request::TokenId;
 
 /// A cached block as of one allocation: stale once the block is reallocated.
@@ -59,8 +66,13 @@ pub struct BlockPool {
     cached_tokens: Vec<TokenId>,
     /// Hash -> cached block.
     cache: HashToBlock,
-    /// Blocks with ref count 0, least recently freed first.
-    free: FreeQueue,
+    /// Which CP rank holds each block index of a sequence.
+    placement: KvPlacement,
+    /// Block ids per CP rank: rank r holds ids [r * per_rank, (r + 1) * per_rank).
+    per_rank: usize,
+    /// Per CP rank: its blocks with ref count 0 (as ids within the rank's run), least
+    /// recently freed first.
+    free: Vec<FreeQueue>,
     /// Tokens looked up in the prefix cache.
     queries: u64,
     /// Tokens found in the prefix cache.
@@ -68,10 +80,34 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// A pool of `num_blocks` free blocks of `block_size` tokens.
+    /// A pool of `num_blocks` free blocks of `block_size` tokens, all on one rank.
     pub fn new(num_blocks: usize, block_size: usize, enable_caching: bool) -> CoreResult<Self> {
+        Self::with_placement(
+            num_blocks,
+            block_size,
+            enable_caching,
+            KvPlacement::default(),
+        )
+    }
+
+    /// A pool of `num_blocks` free blocks split evenly over `placement.cp_size` ranks.
+    pub fn with_placement(
+        num_blocks: usize,
+        block_size: usize,
+        enable_caching: bool,
+        placement: KvPlacement,
+    ) -> CoreResult<Self> {
         check_at_least("num_blocks", num_blocks as i128, 1)?;
         check_at_least("block_size", block_size as i128, 1)?;
+        check_at_least("context_parallel_size", placement.cp_size as i128, 1)?;
+        if !num_blocks.is_multiple_of(placement.cp_size) {
+            let limit = format!("a multiple of context_parallel_size {}", placement.cp_size);
+            return Err(CoreError::out_of_range(
+                "num_blocks",
+                limit,
+                num_blocks as i128,
+            ));
+        }
         if num_blocks > FreeQueue::MAX_BLOCKS {
             let limit = format!("<= {}", FreeQueue::MAX_BLOCKS);
             return Err(CoreError::out_of_range(
@@ -100,7 +136,11 @@ impl BlockPool {
             meta,
             cached_tokens,
             cache: HashToBlock::default(),
-            free: FreeQueue::full(num_blocks),
+            placement,
+            per_rank: num_blocks / placement.cp_size,
+            free: (0..placement.cp_size)
+                .map(|_| FreeQueue::full(num_blocks / placement.cp_size))
+                .collect(),
             queries: 0,
             hits: 0,
         })
@@ -114,9 +154,33 @@ impl BlockPool {
     pub fn num_blocks(&self) -> usize {
         self.meta.len()
     }
-    /// Blocks with ref count 0 (cached or not); all of them can be allocated.
+    /// Blocks with ref count 0 (cached or not), on every rank; all of them can be allocated.
     pub fn num_free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.iter().map(FreeQueue::len).sum()
+    }
+    /// Where each block index of a sequence is allocated.
+    pub fn placement(&self) -> KvPlacement {
+        self.placement
+    }
+    /// Blocks each CP rank holds.
+    pub fn blocks_per_rank(&self) -> usize {
+        self.per_rank
+    }
+    /// The CP rank whose KV cache holds `block`.
+    pub fn rank_of_block(&self, block: BlockId) -> usize {
+        block as usize / self.per_rank
+    }
+
+    /// Whether blocks [lo, hi) of a sequence can be allocated now, leaving alone the free
+    /// blocks in `reserved` (cached blocks about to be taken).
+    pub fn fits(&self, lo: usize, hi: usize, reserved: &[BlockId]) -> bool {
+        (0..self.placement.cp_size).all(|r| {
+            let held = reserved
+                .iter()
+                .filter(|&&b| self.rank_of_block(b) == r && self.ref_count(b) == 0)
+                .count();
+            self.placement.count_on(r, lo, hi) + held <= self.free[r].len()
+        })
     }
     /// Blocks currently findable by hash.
     pub fn num_cached_blocks(&self) -> usize {
@@ -140,9 +204,11 @@ impl BlockPool {
         self.hits += hit_tokens as u64;
     }
 
-    /// Takes the least recently freed block (evicting its cached hash), or None if all are owned.
-    pub fn allocate(&mut self) -> Option<BlockId> {
-        let b = self.free.pop_front()?;
+    /// Takes the least recently freed block for block `index` of a sequence from the rank
+    /// that holds that index (evicting its cached hash), or None if all of that rank's are owned.
+    pub fn allocate(&mut self, index: usize) -> Option<BlockId> {
+        let rank = self.placement.rank_of(index);
+        let b = self.free[rank].pop_front()? + (rank * self.per_rank) as BlockId;
         let m = &mut self.meta[b as usize];
         if let Some(h) = m.hash.take() {
             // A block carries a hash only while the cache maps that hash to it.
@@ -157,7 +223,8 @@ impl BlockPool {
     /// Adds an owner to a cached block found by [`BlockPool::find_cached_prefix`].
     pub fn take(&mut self, block: BlockId) {
         if self.meta[block as usize].ref_count == 0 {
-            self.free.remove(block);
+            let rank = self.rank_of_block(block);
+            self.free[rank].remove(block - (rank * self.per_rank) as BlockId);
         }
         self.meta[block as usize].ref_count += 1;
     }
@@ -168,7 +235,8 @@ impl BlockPool {
         assert!(m.ref_count > 0, "block {block} freed with ref count 0");
         m.ref_count -= 1;
         if m.ref_count == 0 {
-            self.free.push_back(block);
+            let rank = block as usize / self.per_rank;
+            self.free[rank].push_back(block - (rank * self.per_rank) as BlockId);
         }
     }
 
@@ -289,9 +357,12 @@ impl BlockPool {
     /// Checks every internal invariant; for tests. Returns a description of the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut queued = vec![false; self.meta.len()];
-        for b in self.free.walk()? {
-            if std::mem::replace(&mut queued[b as usize], true) {
-                return Err(format!("block {b} is in the free queue twice"));
+        for (rank, free) in self.free.iter().enumerate() {
+            for local in free.walk()? {
+                let b = rank * self.per_rank + local as usize;
+                if std::mem::replace(&mut queued[b], true) {
+                    return Err(format!("block {b} is in the free queue twice"));
+                }
             }
         }
         for (i, m) in self.meta.iter().enumerate() {

@@ -13,7 +13,7 @@ fn cache_sequence(pool: &mut BlockPool, tokens: &[TokenId]) -> Vec<BlockId> {
     let bs = pool.block_size();
     let hashes = full_hashes(tokens, bs);
     let blocks: Vec<_> = (0..hashes.len())
-        .map(|_| pool.allocate().unwrap())
+        .map(|_| pool.allocate(0).unwrap())
         .collect();
     let mut cursor = CacheCursor::default();
     pool.register_full_blocks(&mut cursor, &blocks, &hashes, tokens, hashes.len());
@@ -35,13 +35,13 @@ fn rejects_zero_sizes() {
 #[test]
 fn allocate_until_empty_then_free() {
     let mut pool = BlockPool::new(3, 2, false).unwrap();
-    let got: Vec<_> = (0..3).map(|_| pool.allocate().unwrap()).collect();
+    let got: Vec<_> = (0..3).map(|_| pool.allocate(0).unwrap()).collect();
     assert_eq!(got, vec![0, 1, 2]);
-    assert_eq!(pool.allocate(), None);
+    assert_eq!(pool.allocate(0), None);
     pool.free_table(got);
     assert_eq!(pool.num_free_blocks(), 3);
     // Tail-first: block 2 was freed first, so it is reallocated first.
-    assert_eq!(pool.allocate(), Some(2));
+    assert_eq!(pool.allocate(0), Some(2));
     pool.check_invariants().unwrap();
 }
 
@@ -58,7 +58,7 @@ fn hit_after_free_and_eviction_on_reallocation() {
     assert_eq!(hits, table);
     // Allocating all 4 blocks evicts both cached hashes.
     for _ in 0..4 {
-        pool.allocate().unwrap();
+        pool.allocate(0).unwrap();
     }
     assert_eq!(pool.num_cached_blocks(), 0);
     hits.clear();

@@ -76,6 +76,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_TOKEN_ID", MAX_TOKEN_ID)?;
     m.add_class::<PyScheduler>()?;
     m.add_class::<PySchedulerOutput>()?;
+    m.add_function(wrap_pyfunction!(scheduler::kv_blocks_per_rank, m)?)?;
     m.add_class::<PyRoutingPlan>()?;
     m.add_function(wrap_pyfunction!(route, m)?)?;
     m.add_class::<PyDispatchPlan>()?;

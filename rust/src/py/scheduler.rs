@@ -5,7 +5,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::{extract_ints, non_negative, py_err};
-use crate::error::CoreError as RustCoreError;
+use crate::error::{check_at_least, CoreError as RustCoreError};
+use crate::kv_placement::KvPlacement;
 use crate::request::FinishReason;
 use crate::scheduler::{NewRequest, Scheduler, SchedulerConfig};
 use crate::scheduler_output::SchedulerOutput;
@@ -45,7 +46,8 @@ impl PyScheduler {
 #[pymethods]
 impl PyScheduler {
     #[new]
-    #[pyo3(signature = (*, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching=true))]
+    #[pyo3(signature = (*, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching=true, context_parallel_size=1, cp_first_blocks=0))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         num_blocks: i64,
         block_size: i64,
@@ -53,9 +55,12 @@ impl PyScheduler {
         max_num_batched_tokens: i64,
         max_model_len: i64,
         enable_prefix_caching: bool,
+        context_parallel_size: i64,
+        cp_first_blocks: i64,
     ) -> PyResult<Self> {
         let config = SchedulerConfig {
             num_blocks: non_negative("num_blocks", num_blocks)?,
+            placement: placement(context_parallel_size, cp_first_blocks)?,
             block_size: non_negative("block_size", block_size)?,
             max_num_seqs: non_negative("max_num_seqs", max_num_seqs)?,
             max_num_batched_tokens: non_negative("max_num_batched_tokens", max_num_batched_tokens)?,
@@ -201,6 +206,11 @@ impl PyScheduler {
         self.inner.num_blocks()
     }
 
+    #[getter]
+    fn blocks_per_rank(&self) -> usize {
+        self.inner.blocks_per_rank()
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
@@ -234,6 +244,26 @@ impl PyScheduler {
             self.inner.num_free_blocks()
         )
     }
+}
+
+fn placement(cp_size: i64, first_blocks: i64) -> PyResult<KvPlacement> {
+    check_at_least("context_parallel_size", cp_size.into(), 1).map_err(py_err)?;
+    Ok(KvPlacement {
+        cp_size: cp_size as usize,
+        first_blocks: non_negative("cp_first_blocks", first_blocks)?,
+    })
+}
+
+/// The most of a sequence's first `num_blocks` KV blocks that one CP rank holds.
+#[pyfunction]
+#[pyo3(signature = (num_blocks, *, context_parallel_size, cp_first_blocks))]
+pub(super) fn kv_blocks_per_rank(
+    num_blocks: i64,
+    context_parallel_size: i64,
+    cp_first_blocks: i64,
+) -> PyResult<usize> {
+    let num_blocks = non_negative("num_blocks", num_blocks)?;
+    Ok(placement(context_parallel_size, cp_first_blocks)?.max_per_rank(num_blocks))
 }
 
 /// One step's batch as numpy arrays (see `_core.pyi` for shapes).
