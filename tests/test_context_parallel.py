@@ -79,10 +79,13 @@ def test_context_parallel_equals_single_rank(checkpoint, reference, variant):
     _assert_same(got, reference)
     cp = stats["context_parallel"]
     assert stats["layout"]["context_parallel"] == 2 and cp["ring_bytes"] > 0
+    # three prompts are longer than cp_min_tokens; 5 + 4 tokens never are
     if variant == "auto":  # prefills pass KV, decodes pass queries
         assert cp["request_steps"]["pass-kv"] > 0 and cp["request_steps"]["pass-q"] > 0
+        assert cp["requests"] == {"pass-kv": 3, "pass-q": 3}
     else:
         assert cp["request_steps"][variant] > 0 and sum(cp["request_steps"].values()) == cp["request_steps"][variant]
+        assert cp["requests"][variant] == 3 and sum(cp["requests"].values()) == 3
 
 
 def test_each_cp_rank_holds_its_share_of_the_kv_cache(checkpoint, reference):
@@ -145,7 +148,9 @@ def test_cp2_dp2_expert_parallel_equals_single_rank(checkpoint, reference):
              enable_expert_parallel=True, cp_min_tokens=16) as llm:
         _assert_same(_run(llm), reference)
         stats = llm.stats()
+        per_replica = [r["context_parallel"]["requests"]["pass-kv"] for r in llm.engine.stats()["ranks"]]
     assert stats["layout"] == {"tensor_parallel": 1, "context_parallel": 2, "data_parallel": 2, "expert_parallel": 4}
+    assert stats["context_parallel"]["requests"] == {"pass-kv": 3, "pass-q": 3} and sorted(per_replica) == [1, 2]
 
 
 def test_a_dead_cp_rank_fails_the_others_within_seconds(checkpoint):

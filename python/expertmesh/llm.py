@@ -115,7 +115,8 @@ class LLM:
         blocks, num_blocks) of rank 0's engine, its "weight_bytes" (quantized values and scales
         included) and "quantization" (None, "int8" or "fp8"); on a parallel layout also "layout"
         (TP, CP, DP and EP sizes), "allreduce" (rank 0's calls and bytes per algorithm) and
-        "context_parallel" (CP requests per step by variant, rank 0's ring bytes)."""
+        "context_parallel" (requests and request-steps by variant, CP rank 0's ring bytes;
+        summed over data-parallel replicas)."""
         keep = ("layout", "allreduce", "context_parallel", "quantization")
         return {k: v for k, v in self.engine.stats().items() if isinstance(v, int) or k in keep}
 

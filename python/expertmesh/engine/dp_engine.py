@@ -234,6 +234,12 @@ class DPEngine:
         snapshot["expert_tokens"] = total.tolist()
         world = self.config.parallel.world_size
         snapshot["rank_tokens"] = [tokens_per_rank(layer, world).tolist() for layer in total]
+        if "context_parallel" in own:  # every replica's CP ring: requests, request-steps and rank-0 bytes summed
+            rings = [s["context_parallel"] for s in per_replica]
+            snapshot["context_parallel"] = {
+                **own["context_parallel"], "ring_bytes": sum(r["ring_bytes"] for r in rings),
+                **{key: {v: sum(r[key][v] for r in rings) for v in own["context_parallel"][key]}
+                   for key in ("requests", "request_steps")}}
         snapshot["ranks"] = per_replica
         return snapshot
 

@@ -24,6 +24,7 @@ from expertmesh.errors import InvalidRequestError
 from expertmesh.fields import TokenIdsField
 from expertmesh.layers.moe import FusedMoE
 from expertmesh.outputs import Logprob, RequestOutput, RequestOutputKind
+from expertmesh.parallel.layout import CP_VARIANTS
 from expertmesh.limits import RequestLimits, check_priority
 from expertmesh.sampling_params import FIELDS as SAMPLING_FIELDS
 from expertmesh.sampling_params import SamplingParams
@@ -61,6 +62,7 @@ class LLMEngine:
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}
         self._core_ids = itertools.count()
         self._request_counter = itertools.count()
+        self._cp_requests = dict.fromkeys(CP_VARIANTS[1:], 0)  # requests served context-parallel, by variant
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -179,8 +181,8 @@ class LLMEngine:
                                   "context_parallel": layout.context_parallel_size,
                                   "data_parallel": layout.data_parallel_size,
                                   "expert_parallel": layout.expert_parallel_size}
-            if rank.cp is not None:  # CP requests by variant (counted per step) and this rank's ring bytes
-                snapshot["context_parallel"] = rank.cp.stats()
+            if rank.cp is not None:  # CP requests and request-steps by variant, this rank's ring bytes
+                snapshot["context_parallel"] = {**rank.cp.stats(), "requests": dict(self._cp_requests)}
             if rank.binding is not None:
                 snapshot["cpu_cores"] = rank.binding.cores
             if rank.tp is not None:  # this rank's allreduce calls and bytes, per algorithm
@@ -214,6 +216,7 @@ class LLMEngine:
             if self.runner.rank is not None:
                 self.runner.rank.check_procs()  # a dead rank fails the step at once, not at a timeout
             logits = self.runner.execute(batch)  # [S, V]
+            self._count_cp_requests(batch)
         except Exception:
             if self._collective:
                 raise  # peers are mid-collective with this rank: the group cannot go on
@@ -249,6 +252,19 @@ class LLMEngine:
             if state.finished:
                 del self._requests[state.request_id]
         return outputs
+
+    def _count_cp_requests(self, batch) -> None:
+        """Requests served context-parallel, by variant: a sequence counts once per variant its
+        steps used (a long prefill passes KV, its decodes pass queries)."""
+        cp = self.runner.rank.cp if self.runner.rank is not None else None
+        if cp is None:
+            return
+        for variant, reqs in cp.step.requests.items():
+            for core_id in batch.request_ids[reqs].tolist():
+                seq = self._seqs[core_id][1]
+                if variant not in seq.cp_variants:
+                    seq.cp_variants.add(variant)
+                    self._cp_requests[variant] += 1
 
     def _sample(self, logits, seqs: list[SequenceState]) -> list[tuple[int, tuple | None] | None]:
         """(token, logprobs row or None) per sampling row, None where the draw failed. A batch

@@ -43,6 +43,8 @@ class SequenceState:
     pending_delta: str = ""
     # Tokens (and logprob entries) handed out in earlier outputs, for DELTA outputs.
     sent: int = 0
+    # Context-parallel variants its steps have used (each counted once in the engine's stats).
+    cp_variants: set[str] = field(default_factory=set)
 
     @property
     def finished(self) -> bool:

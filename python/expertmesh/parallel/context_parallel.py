@@ -75,14 +75,14 @@ class CpStep:
     own_slots: torch.Tensor  # [L] int64 slots in this rank's cache of its KV tokens (holdings[rank].kv_*)
     sample_owner: np.ndarray  # [S] CP rank holding each sampled row's hidden state
     sample_local: np.ndarray  # [S] its index in that rank's local tokens
-    variants: dict[str, int] = field(default_factory=dict)  # CP requests this step, by variant
+    requests: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> [Nv] batch index of its CP requests
     kv_pairs: dict[int, list] = field(default_factory=dict)  # src -> pairs(my pass-KV q, src's pass-KV KV)
     q_pairs: dict[int, list] = field(default_factory=dict)  # src -> pairs(src's pass-Q q, my pass-Q KV)
     returns_from: list[int] = field(default_factory=list)  # peers whose KV my pass-Q queries see (they send partials)
 
     @property
     def has_cp(self) -> bool:
-        return bool(self.variants)
+        return bool(self.requests)
 
 
 def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, blocks_per_rank: int,
@@ -147,10 +147,9 @@ def plan_step(batch, rank: int, cp_size: int, min_tokens: int, block_size: int, 
         plain_tokens, plain_reqs = plain_tokens[:0], plain_reqs[:0]
     step = CpStep(local, plain_tokens.shape[0], plain_reqs, holdings, torch.from_numpy(slots), sample_owner,
                   sample_local)
-    if cp_kv:
-        step.variants[PASS_KV] = len(cp_kv)
-    if cp_q:
-        step.variants[PASS_Q] = len(cp_q)
+    for name, reqs in ((PASS_KV, cp_kv), (PASS_Q, cp_q)):
+        if reqs:
+            step.requests[name] = np.asarray(reqs, dtype=np.int64)
     for src, held in enumerate(holdings):
         step.kv_pairs[src] = pairs(mine.q_req[:mine.q_split], held.kv_req[:held.kv_split])
         step.q_pairs[src] = pairs(held.q_req[held.q_split:], mine.kv_req[mine.kv_split:])
@@ -174,8 +173,8 @@ class ContextParallel:
     def begin(self, batch, num_heads: int, num_kv_heads: int, blocks_per_rank: int) -> CpStep:
         self.step = plan_step(batch, self.rank, self.size, self.min_tokens, self.block_size, blocks_per_rank,
                               self.variant, num_heads, num_kv_heads)
-        for name, count in self.step.variants.items():
-            self.request_steps[name] += count
+        for name, reqs in self.step.requests.items():
+            self.request_steps[name] += reqs.shape[0]
         return self.step
 
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -74,6 +74,7 @@ class _EngineCollector:
                 for algorithm, n in allreduce[what].items():
                     family.add_metric([self._model, allreduce["transport"], algorithm], n)
                 yield family
+        yield from _context_parallel_metrics(s.get("context_parallel"), self._model)
         yield from _kv_transfer_metrics(s.get("kv_transfer"), gauge, counter)
         experts = CounterMetricFamily("expertmesh:expert_tokens", "Tokens routed to each expert (MoE load).",
                                       labels=["model_name", "layer", "expert"])
@@ -160,6 +161,22 @@ _KV_COUNTERS = {  # engine_kv.py stats -> (metric, doc)
     "blocks_already_cached": ("kv_transfer_blocks_skipped", "Decode: prompt blocks already cached, not pulled."),
     "seconds": ("kv_transfer_seconds", "Decode: time spent pulling KV."),
 }
+
+
+def _context_parallel_metrics(cp, model: str):
+    if not cp:
+        return
+    for key, name, doc in (("requests", "cp_requests", "Requests served context-parallel, by variant (a request "
+                                                        "counts once in each variant its steps used)."),
+                           ("request_steps", "cp_request_steps", "Context-parallel request-steps, by variant.")):
+        family = CounterMetricFamily(f"expertmesh:{name}", doc, labels=["model_name", "variant"])
+        for variant, n in cp[key].items():
+            family.add_metric([model, variant], n)
+        yield family
+    ring = CounterMetricFamily("expertmesh:cp_ring_bytes", "Bytes CP rank 0 of each replica sent over the "
+                               "context-parallel ring (pass-Q returns included).", labels=["model_name", "transport"])
+    ring.add_metric([model, cp["transport"]], cp["ring_bytes"])
+    yield ring
 
 
 def _kv_transfer_metrics(kv, gauge, counter):
