@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from cp_workers import SIZES, message, ring_round_trips, ring_with_a_dead_rank
+from ep_util import run_ranks
 from expertmesh import LLM, SamplingParams
 from expertmesh.errors import CollectiveError, InvalidRequestError
 from expertmesh.parallel.ring_attention import merge, partial_attention
@@ -20,6 +22,29 @@ from model_factory import add_default_tokenizer, make_checkpoint
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
 _RNG = np.random.default_rng(0)
 PROMPTS = [_RNG.integers(5, 600, size=n).tolist() for n in (70, 5, 133, 41)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_transports_deliver_every_message_in_order(world):
+    """Shared memory (2 slots of 4 KB: the big messages go in many chunks while every rank is
+    still sending) and torch.distributed deliver the same bytes."""
+    results = run_ranks(ring_round_trips, world)
+    for rank, got in enumerate(results):
+        for transport in ("shm", "torch"):
+            for step, numel in enumerate(SIZES):
+                want = message((rank - 1) % world, rank, step, numel)
+                assert torch.equal(got[transport][("ring", step)], want), (transport, step)
+            for x in range(world):
+                if x != rank:
+                    assert torch.equal(got[transport][("all", x)], message(x, rank, 99, 500 * (x + 1) + rank))
+
+
+def test_a_dead_peer_fails_the_shm_ring_within_seconds():
+    """Rank 2 leaves after one step: rank 0, waiting on its message, fails naming it; rank 1
+    still gets rank 0's."""
+    (text, waited), (other, _), _ = run_ranks(ring_with_a_dead_rank, 3)
+    assert "lost CP rank 2" in text and waited < 5, (text, waited)
+    assert other == "no error"
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -70,15 +95,16 @@ def _assert_same(got, want):
             np.testing.assert_allclose([v for _, v in step], [v for _, v in want_step], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["auto", "pass-kv", "pass-q"])
-def test_context_parallel_equals_single_rank(checkpoint, reference, variant):
+@pytest.mark.parametrize("variant, transport", [("auto", "shm"), ("auto", "torch"), ("pass-kv", "shm"),
+                                                ("pass-q", "shm")])
+def test_context_parallel_equals_single_rank(checkpoint, reference, variant, transport):
     with LLM(checkpoint, show_progress=False, block_size=4, context_parallel_size=2, cp_min_tokens=16,
-             cp_variant=variant) as llm:
+             cp_variant=variant, cp_transport=transport) as llm:
         got = _run(llm)
         stats = llm.stats()
     _assert_same(got, reference)
     cp = stats["context_parallel"]
-    assert stats["layout"]["context_parallel"] == 2 and cp["ring_bytes"] > 0
+    assert stats["layout"]["context_parallel"] == 2 and cp["ring_bytes"] > 0 and cp["transport"] == transport
     # three prompts are longer than cp_min_tokens; 5 + 4 tokens never are
     if variant == "auto":  # prefills pass KV, decodes pass queries
         assert cp["request_steps"]["pass-kv"] > 0 and cp["request_steps"]["pass-q"] > 0

@@ -99,7 +99,7 @@ def test_serve_cp2_equals_single_rank_and_reports_the_ring(tmp_path):
                     for line in metrics.splitlines() if line.startswith("expertmesh:cp_requests_total{")}
         assert requests == {"pass-kv": 3.0, "pass-q": 3.0}, requests  # every prefill passes KV, decodes queries
         ring = [line for line in metrics.splitlines() if line.startswith("expertmesh:cp_ring_bytes_total{")]
-        assert len(ring) == 1 and 'transport="torch"' in ring[0] and float(ring[0].rsplit(" ", 1)[1]) > 0, ring
+        assert len(ring) == 1 and 'transport="shm"' in ring[0] and float(ring[0].rsplit(" ", 1)[1]) > 0, ring
     finally:
         assert cp.stop() == 0, cp.log()
     wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and

@@ -38,6 +38,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="sequences (context + new tokens) longer than this use context parallelism")
     par.add_argument("--cp-variant", default="auto", choices=["auto", "pass-kv", "pass-q"],
                      help="ring attention: auto = pass-KV when new/(new+cached) >= 2 NKV/NH, else pass-Q")
+    par.add_argument("--cp-transport", default="auto", choices=["auto", "shm", "torch"],
+                     help="CP ring: auto = shared memory for CPU ranks on one host, else torch.distributed")
     par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                      help="replicas of the TP ranks, each with its own requests (needs --enable-expert-parallel)")
     par.add_argument("--enable-expert-parallel", action="store_true",
@@ -72,6 +74,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         context_parallel_size=args.context_parallel_size,
         cp_min_tokens=args.cp_min_tokens,
         cp_variant=args.cp_variant,
+        cp_transport=args.cp_transport,
         enable_expert_parallel=args.enable_expert_parallel,
         expert_parallel_size=args.ep,
         allreduce=args.allreduce,

@@ -63,10 +63,12 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     # Context parallelism (parallel/context_parallel.py): sequences longer than cp_min_tokens
     # are split over context_parallel_size ranks; cp_variant "auto" picks pass-KV or pass-Q
-    # per request, "pass-kv" / "pass-q" force one.
+    # per request, "pass-kv" / "pass-q" force one; the ring rides shared memory ("auto": CPU
+    # ranks on one host) or torch.distributed send/recv.
     context_parallel_size: int = 1
     cp_min_tokens: int = 1024
     cp_variant: str = "auto"
+    cp_transport: str = "auto"
     expert_parallel_size: int = 1
     allreduce: str = "auto"
     ep_transport: str = "auto"
@@ -91,7 +93,7 @@ class EngineConfig:
                                       param="gpu_memory_utilization", value=util)
         _positive("expert_parallel_size", self.expert_parallel_size)
         _positive("ep_max_tokens_per_rank", self.ep_max_tokens_per_rank, allow_none=True)
-        for name in ("ep_transport", "allreduce"):
+        for name in ("ep_transport", "allreduce", "cp_transport"):
             if getattr(self, name) not in ("auto", "shm", "torch"):
                 raise InvalidRequestError(f"{name} must be 'auto', 'shm' or 'torch', got {getattr(self, name)!r}",
                                           param=name, value=getattr(self, name))

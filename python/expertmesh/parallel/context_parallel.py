@@ -35,6 +35,7 @@ import torch
 
 from expertmesh.parallel.layout import CP_VARIANTS
 from expertmesh.parallel.ring_attention import TorchRing, ring_attention
+from expertmesh.parallel.shm_ring import ShmRing
 from expertmesh_kernels import ops
 
 PASS_KV, PASS_Q = CP_VARIANTS[1:]
@@ -163,7 +164,7 @@ class ContextParallel:
     attention layer (installed as Attention.context by apply.py) and brings the sampled rows'
     hidden states to CP rank 0 (`gather_samples`), which computes the logits."""
 
-    def __init__(self, ring: TorchRing, min_tokens: int, block_size: int, variant: str = "auto") -> None:
+    def __init__(self, ring: TorchRing | ShmRing, min_tokens: int, block_size: int, variant: str = "auto") -> None:
         self.ring, self.rank, self.size = ring, ring.rank, ring.size
         self.min_tokens, self.block_size, self.variant = min_tokens, block_size, variant
         self.step: CpStep | None = None

@@ -34,6 +34,7 @@ from expertmesh.parallel.groups import Groups, RankInfo, destroy_groups, init_gr
 from expertmesh.parallel.layout import RankLayout
 from expertmesh.parallel.ring_attention import TorchRing
 from expertmesh.parallel.shm import ShmTransport
+from expertmesh.parallel.shm_ring import ShmRing
 from expertmesh.parallel.tensor_parallel import TensorParallel
 from expertmesh.step_profile import StepProfile
 from expertmesh.parallel.transport import TorchTransport, Transport
@@ -100,6 +101,8 @@ class RankSetup:
             self.ep.transport.close()
         if self.control is not None:
             self.control.close()
+        if self.cp is not None:
+            self.cp.ring.close()
         destroy_groups()
         if self.binding is not None:
             self.binding.restore()
@@ -142,6 +145,18 @@ def make_allreduce(config: EngineConfig, groups: Groups, layout: RankLayout, dev
                         timeout_s=config.ep_timeout_s)
 
 
+def make_ring(config: EngineConfig, groups: Groups, layout: RankLayout, device: torch.device):
+    """The CP ring's transport: shared memory for CPU ranks on one host, else torch.distributed."""
+    kind = config.cp_transport
+    if kind == "auto":
+        kind = "shm" if device.type == "cpu" and groups.same_host else "torch"
+    if kind == "torch":
+        return TorchRing(groups.cp_data, layout.cp_ranks, layout.cp_rank, config.ep_timeout_s)
+    if device.type != "cpu" or not groups.same_host:
+        raise ValueError("cp_transport 'shm' needs CPU ranks on one host; use 'torch' (or 'auto')")
+    return ShmRing(groups.cp_data, layout.cp_ranks, layout.cp_rank, config.ep_timeout_s)
+
+
 def max_tokens_per_rank(config: EngineConfig) -> int:
     return config.ep_max_tokens_per_rank or config.max_num_batched_tokens
 
@@ -169,8 +184,8 @@ def _build(config: EngineConfig, info: RankInfo, device: torch.device, layout: R
     if tp_size > 1:
         tp = TensorParallel(layout.tp_rank, tp_size, make_allreduce(config, groups, layout, device))
     if cp_size > 1:
-        ring = TorchRing(groups.cp_data, layout.cp_ranks, layout.cp_rank, config.ep_timeout_s)
-        cp = ContextParallel(ring, config.cp_min_tokens, config.block_size, config.cp_variant)
+        cp = ContextParallel(make_ring(config, groups, layout, device), config.cp_min_tokens, config.block_size,
+                             config.cp_variant)
     if config.parallel.replica_size > 1:
         channel = BatchChannel(groups.replica_control, leader=layout.replica_ranks[0])
     if config.parallel.enable_expert_parallel:

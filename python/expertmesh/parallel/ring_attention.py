@@ -101,6 +101,9 @@ class TorchRing:
                 raise CollectiveError(f"context-parallel ring: CP rank {self.rank} of {self.size} lost a peer "
                                       f"({exc})") from exc
 
+    def close(self) -> None:
+        """Nothing to free: the messages ride the process group."""
+
 
 def ring_attention(ring: TorchRing, step, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    scale: float, window: int | None) -> tuple[torch.Tensor, int]:
