@@ -16,7 +16,7 @@ from cp_workers import SIZES, message, ring_round_trips, ring_with_a_dead_rank
 from ep_util import run_ranks
 from expertmesh import LLM, SamplingParams
 from expertmesh.errors import CollectiveError, InvalidRequestError
-from expertmesh.parallel.ring_attention import merge, partial_attention
+from expertmesh.parallel.ring_attention import _attend_tile, merge, partial_attention
 from model_factory import add_default_tokenizer, make_checkpoint
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
@@ -67,6 +67,23 @@ def test_partials_over_split_keys_merge_into_full_attention(window):
     want = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1),
                         v.repeat_interleave(2, dim=1))
     torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_cpu_flash_tiles_equal_the_einsum_tiles(window):
+    """The CPU path (flash attention by row tiles: unmasked keys, then the masked band) against
+    one masked einsum tile, on positions interleaved like two CP ranks' blocks, three row tiles,
+    GQA, and rows that see no key at all."""
+    rng = np.random.default_rng(1)
+    q_pos = np.sort(rng.choice(np.arange(200, 4000), 1100, replace=False))
+    k_pos = np.sort(rng.choice(np.arange(300, 4000), 1500, replace=False))  # the first rows see nothing
+    q, k, v = torch.randn(1100, 4, 16), torch.randn(1500, 2, 16), torch.randn(1500, 2, 16)
+    got, got_lse = partial_attention(q, q_pos, k, v, k_pos, [(0, 1100, 0, 1500)], 0.25, window)
+    want, want_lse = _attend_tile(q, torch.from_numpy(q_pos), k, v, torch.from_numpy(k_pos), 0.25, window)
+    blind = q_pos < 300
+    assert blind.any() and torch.isinf(got_lse[torch.from_numpy(blind)]).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ class ModelRunner:
         """A step on a CP rank: the model runs on the tokens this rank holds (context_parallel.py);
         CP rank 0 computes the logits, the others return none."""
         cfg = self.model.config
-        step = self._cp.begin(batch, cfg.num_heads, cfg.num_kv_heads, self.num_kv_blocks)
+        step = self._cp.begin(batch, cfg.num_heads, cfg.num_kv_heads, self.num_kv_blocks, self.device)
         local, plain = step.local, step.plain_reqs
         qsl = batch.query_start_loc
         lens = qsl[plain + 1] - qsl[plain]  # [Np] new tokens of each plain request

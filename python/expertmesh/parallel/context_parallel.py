@@ -22,6 +22,8 @@ Variant per request (ring_attention.py runs both in one ring): pass-KV (KV trave
 stay) when new / (new + cached) >= 2 NKV / NH, else pass-Q (queries travel, partial outputs
 come back): the rule of Yang et al., "Context Parallelism for Scalable Million-Token
 Inference" (2024), which compares the bytes each would send. `cp_variant` forces one.
+bench/cp found it never measurably wrong on CPU ranks: pass-Q wins for short appends, and
+where the rule picks pass-KV the two cost the same (attention dwarfs the bytes).
 
 Legend: T tokens, N requests, S sampled rows, B block size, P blocks per rank, L KV tokens a rank holds.
 """
@@ -171,9 +173,10 @@ class ContextParallel:
         self.request_steps = {PASS_KV: 0, PASS_Q: 0}  # CP requests run, step by step, per variant
         self.ring_bytes = 0  # bytes this rank sent over the ring (and the pass-Q returns)
 
-    def begin(self, batch, num_heads: int, num_kv_heads: int, blocks_per_rank: int) -> CpStep:
+    def begin(self, batch, num_heads: int, num_kv_heads: int, blocks_per_rank: int, device: torch.device) -> CpStep:
         self.step = plan_step(batch, self.rank, self.size, self.min_tokens, self.block_size, blocks_per_rank,
                               self.variant, num_heads, num_kv_heads)
+        self.step.own_slots = self.step.own_slots.to(device)  # once per step, not per layer
         for name, reqs in self.step.requests.items():
             self.request_steps[name] += reqs.shape[0]
         return self.step
