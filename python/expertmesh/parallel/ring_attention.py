@@ -11,7 +11,8 @@ predecessor, then, while those travel, attends
 
 After the ring the pass-Q partials go home in one all-to-all of point-to-point messages and
 merge there. Merging is exact in fp32 by log-sum-exp; a partial that saw no key has lse -inf.
-Message sizes follow from the plan, so empty messages are skipped on both ends.
+Message sizes follow from the plan, so empty messages are skipped on both ends. The ring is a
+TorchRing (below) or a shm_ring.ShmRing: `post` starts sends and receives, `wait` ends them.
 
 Legend: Tq query rows, Tk key rows, NH/NKV heads held, G = NH / NKV, D head dim, L KV tokens.
 """
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from expertmesh.errors import CollectiveError
 
-_MAX_SCORE_ELEMENTS = 1 << 20  # bound on the fp32 [NKV, G, Tq, Tk] score tile (4 MB: cache-sized, measured fastest)
+_MAX_SCORE_ELEMENTS = 1 << 20  # bound on the fp32 [NKV, G, Tq, Tk] score tile (4 MB: fastest on the CPU)
 _ROWS = 512  # query rows per flash-attention call on the CPU
 
 
@@ -156,7 +157,7 @@ class TorchRing:
         """Nothing to free: the messages ride the process group."""
 
 
-def ring_attention(ring: TorchRing, step, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def ring_attention(ring, step, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    scale: float, window: int | None) -> tuple[torch.Tensor, int]:
     """fp32 attention [Tc, NH, D] of this rank's context-parallel query rows q [Tc, NH, D]
     (pass-KV rows first, as the plan orders them), and the bytes this rank sent."""

@@ -111,7 +111,7 @@ class ShmRing:
                 now = time.monotonic()
                 if now - checked > 0.5:
                     checked = now
-                    self._check_peers(now - start)
+                    self._check_peers(now - start, {h.peer for h in handles if not h.finished})
 
     def _progress(self) -> bool:
         """Move every queued transfer as far as the slots allow; True if any byte moved."""
@@ -149,8 +149,10 @@ class ShmRing:
                 queue.popleft()
         return moved
 
-    def _check_peers(self, waited: float) -> None:
-        dead = [x for x in range(self.size) if x != self.rank and not alive(int(self._mine.pids[x]))]
+    def _check_peers(self, waited: float, waiting_on: set[int]) -> None:
+        # A peer this wait needs is named first: others may have exited after finishing cleanly.
+        peers = sorted(set(range(self.size)) - {self.rank}, key=lambda x: (x not in waiting_on, x))
+        dead = [x for x in peers if not alive(int(self._mine.pids[x]))]
         if dead:
             raise CollectiveError(f"context-parallel ring: CP rank {self.rank} of {self.size} lost CP rank "
                                   f"{dead[0]} (process {int(self._mine.pids[dead[0]])} exited)")
