@@ -201,11 +201,17 @@ mod tests {
         // 24 + 1 - 1 = 24 tokens: 6 blocks, 4 on rank 0 and 2 on rank 1.
         s.add_request(new_request(1, 24, 1)).unwrap();
         let out = s.schedule().unwrap();
-        let owners: Vec<usize> = out.block_tables[..6].iter().map(|&b| b as usize / 4).collect();
+        let owners: Vec<usize> = out.block_tables[..6]
+            .iter()
+            .map(|&b| b as usize / 4)
+            .collect();
         assert_eq!(owners, [0, 0, 0, 1, 1, 0]);
         s.check_invariants().unwrap();
         // 7 blocks would put 5 on rank 0.
-        let err = s.add_request(new_request(2, 28, 1)).unwrap_err().to_string();
+        let err = s
+            .add_request(new_request(2, 28, 1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "request needs up to 5 KV blocks on one of 2 context-parallel ranks (28 tokens at \
